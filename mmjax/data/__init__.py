@@ -1,4 +1,18 @@
-"""Data layer: batch schema, datasets, loaders, synthetic generator, batching, corruption protocols."""
+"""Data layer: batch schema, datasets, loaders, synthetic generator, batching, corruption protocols.
+
+See ``docs/datasets.md`` (formats), ``docs/synthetic.md`` (the embedded default data) and
+``docs/protocols.md`` (corruption protocols).
+"""
 
 from mmjax.data.batch import Batch
+from mmjax.data.batching import (
+    STD_FLOOR, FeatureStats, apply_standardizer, check_batch_size, fit_standardizer,
+    iterate_batches, num_batches, standardize)
+from mmjax.data.corruption import (
+    drop_modalities, drop_one_modality, gaussian_noise, keep_modalities, laplace_noise,
+    mask_time_steps, mix_noise, modality_subsets, random_erasing, salt_pepper_noise)
 from mmjax.data.dataset import SPLITS, Dataset
+from mmjax.data.loaders import (
+    LOADERS, load_dataset, load_mmsa_pickle, load_multiview_mat, load_npz, load_sdk_pickle)
+from mmjax.data.synthetic import (
+    CLASS_BINS, DEFAULT_MODALITIES, ModalitySpec, make_synthetic, sentiment_to_class)

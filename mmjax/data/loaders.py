@@ -24,10 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from mmjax.data.batch import Batch
 from mmjax.data.dataset import SPLITS, Dataset
+from mmjax.data.synthetic import make_synthetic
 
 PathLike = str | os.PathLike
 
@@ -348,7 +350,13 @@ def load_npz(
 # ==================================================================== dispatch
 # Source name -> (loader called as loader(<text after "name:">, **kwargs), usage shown in errors).
 # Adding a source is one line here.
+def _synthetic(argument: str, *, seed: int = 0, **kwargs: Any) -> Dataset:
+  """``synthetic`` / ``synthetic:regression`` / ``synthetic:classification``, drawn from ``key(seed)``."""
+  return make_synthetic(jax.random.key(seed), task=argument or "regression", **kwargs)
+
+
 LOADERS: dict[str, tuple[Callable[..., Dataset], str]] = {
+    "synthetic": (_synthetic, "synthetic[:regression|classification] (embedded default)"),
     "mmsa": (load_mmsa_pickle, "mmsa:<path to aligned_50.pkl | unaligned_50.pkl | "
              "unaligned_39.pkl>"),
     "sdk": (load_sdk_pickle, "sdk:<path to a MulT-style mosi_data.pkl>"),
