@@ -1,0 +1,35 @@
+"""Methods: EUAR and the fusion baselines, each a :class:`~mmjax.methods.base.Method`.
+
+``build(name, config, spec)`` is the one entry point the trainer and launchers use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+
+from mmjax.methods import baselines, euar
+from mmjax.methods.base import Method, TaskSpec, flax_method, task_loss
+
+# name -> (builder, default model config)
+REGISTRY: dict[str, tuple[Callable[..., Method], Callable[[], ml_collections.ConfigDict]]] = {
+    "euar": (euar.build, euar.default_config),
+    "concat": (baselines.build_concat, baselines.default_config),
+    "late_fusion": (baselines.build_late_fusion, baselines.default_config),
+}
+
+
+def default_model_config(name: str) -> ml_collections.ConfigDict:
+  return _lookup(name)[1]()
+
+
+def build(name: str, config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
+  """The method ``name`` with model hyper-parameters ``config`` for the data described by ``spec``."""
+  return _lookup(name)[0](config, spec)
+
+
+def _lookup(name: str):
+  if name not in REGISTRY:
+    raise ValueError(f"method: unknown {name!r}; available: {sorted(REGISTRY)}")
+  return REGISTRY[name]

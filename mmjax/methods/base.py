@@ -1,0 +1,117 @@
+"""The interface every method offers the generic trainer, and helpers shared by methods.
+
+A method is three pure functions bundled in :class:`Method`:
+
+* ``init(key, batch) -> (params, method_state)``
+* ``loss(params, method_state, batch, key, train) -> (loss, (metrics, new_method_state, predictions))``
+  where ``metrics`` holds every loss term (``"loss"`` is the total) and ``predictions`` are
+  ``[B]`` scores (regression) or ``[B, C]`` logits (classification);
+* ``predict(params, method_state, batch) -> predictions`` (evaluation mode, no loss terms computed).
+
+The trainer (:mod:`mmjax.train`) never knows which method it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmjax.data import Batch, Dataset
+from mmjax.losses._common import masked_mean
+
+Params = Any
+MethodState = Any
+LossOutput = tuple[jax.Array, tuple[dict[str, jax.Array], MethodState, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """What a method must know about the data: task, classes, modalities and their shapes."""
+
+  task: str
+  num_classes: int | None
+  modalities: tuple[str, ...]
+  feature_shapes: dict[str, tuple[int, int]]
+
+  @classmethod
+  def from_dataset(cls, dataset: Dataset) -> TaskSpec:
+    return cls(dataset.task, dataset.num_classes, dataset.modalities, dataset.feature_shapes())
+
+  @property
+  def output_dim(self) -> int:
+    return 1 if self.task == "regression" else int(self.num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A method as the trainer sees it (see the module docstring)."""
+
+  name: str
+  init: Callable[[jax.Array, Batch], tuple[Params, MethodState]]
+  loss: Callable[[Params, MethodState, Batch, jax.Array, bool], LossOutput]
+  predict: Callable[[Params, MethodState, Batch], jax.Array]
+
+
+def task_loss(outputs: jax.Array, batch: Batch, spec: TaskSpec) -> jax.Array:
+  """Mean squared error (regression, EUAR eq. 11) or cross-entropy over the valid samples.
+
+  Args:
+    outputs: ``[B]`` predictions (regression) or ``[B, C]`` logits.
+    batch: supplies ``label [B]`` and ``valid [B]``.
+    spec: the task.
+  """
+  if spec.task == "regression":
+    per_sample = jnp.square(outputs - batch.label)
+  else:
+    per_sample = optax.softmax_cross_entropy_with_integer_labels(
+        outputs.astype(jnp.float32), batch.label)
+  return masked_mean(per_sample, batch.valid)
+
+
+def head_output(outputs: jax.Array, spec: TaskSpec) -> jax.Array:
+  """``[B, 1]`` -> ``[B]`` for regression; logits unchanged for classification."""
+  return outputs[..., 0] if spec.task == "regression" else outputs
+
+
+def flax_method(
+    name: str,
+    model: nn.Module,
+    spec: TaskSpec,
+    regularizers: Callable[[dict[str, Any], Batch], dict[str, tuple[float, jax.Array]]] | None = None,
+) -> Method:
+  """A stateless method from a Flax model ``model(batch, train=...) -> (outputs, aux)``.
+
+  ``regularizers(aux, batch)`` returns ``{term: (weight, value)}``; the loss is
+  ``task + sum weight * value`` and every term is reported under its name. Stochastic layers draw
+  from the ``"sample"`` and ``"dropout"`` RNG streams, both split from the step key.
+  """
+
+  def init(key, batch):
+    params = model.init({"params": key}, batch, train=False)["params"]
+    return params, {}
+
+  def loss(params, state, batch, key, train):
+    sample_key, dropout_key = jax.random.split(key)
+    rngs = {"sample": sample_key, "dropout": dropout_key} if train else {}
+    outputs, aux = model.apply({"params": params}, batch, train=train, rngs=rngs)
+    predictions = head_output(outputs, spec)
+    metrics = {"task": task_loss(predictions, batch, spec)}
+    total = metrics["task"]
+    for term, (weight, value) in (regularizers(aux, batch) if regularizers else {}).items():
+      metrics[term] = value
+      total = total + weight * value
+    metrics["loss"] = total
+    return total, (metrics, state, predictions)
+
+  def predict(params, state, batch):
+    del state
+    outputs, _ = model.apply({"params": params}, batch, train=False)
+    return head_output(outputs, spec)
+
+  return Method(name=name, init=init, loss=loss, predict=predict)

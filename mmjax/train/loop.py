@@ -1,0 +1,264 @@
+"""The method-agnostic epoch loop: train, validate, early-stop, checkpoint, resume.
+
+``fit(method, dataset, config)`` trains ``method`` on ``dataset.splits["train"]``, evaluates on
+``"valid"`` after every epoch, keeps the best-validation state (early stopping with ``patience``)
+and returns it. With ``workdir`` it writes ``metrics.jsonl`` (one line per epoch with every loss term)
+and checkpoints; with ``resume=True`` it continues from the latest checkpoint and ends with the same
+parameters as an uninterrupted run (all randomness is a function of the seed, the epoch and the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from mmjax import metrics as metrics_lib
+from mmjax.data import Batch, Dataset, check_batch_size, iterate_batches, num_batches
+from mmjax.methods import Method
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.sharding import data_mesh, put_batch, replicated, to_host
+from mmjax.train.state import TrainState
+from mmjax.train.steps import compile_steps
+
+# Validation metric used for model selection when config.select_metric == "auto".
+AUTO_SELECT = {"regression": ("mae", "min"), "classification": ("accuracy", "max")}
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """Training hyper-parameters shared by every method (methods add ``config.model``)."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      batch_size=16,
+      eval_batch_size=256,
+      num_epochs=30,
+      learning_rate=1e-3,
+      weight_decay=0.0,
+      grad_clip_norm=0.0,  # 0 disables clipping
+      patience=10,  # epochs without validation improvement before stopping; 0 disables
+      select_metric="auto",  # a key of the validation metrics, or "auto" (see AUTO_SELECT)
+      select_mode="auto",  # "min" | "max" | "auto"
+      drop_remainder=False,  # last partial train batch: pad + mask (False) or drop (True)
+      progress=True,  # progress bar on stderr when it is a terminal
+  ))
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What :func:`fit` returns: the best state and the per-epoch history."""
+
+  state: TrainState
+  history: list[dict[str, Any]]
+  best_epoch: int
+  best_valid: dict[str, float]
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam (``weight_decay == 0``) or AdamW, optionally after global-norm clipping."""
+  if config.weight_decay:
+    opt = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+  else:
+    opt = optax.adam(config.learning_rate)
+  if config.grad_clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+  return opt
+
+
+def split_metrics(predictions: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
+  """Paper metrics of one split (``mmjax.metrics``): MSA regression or classification."""
+  if task == "regression":
+    return metrics_lib.msa_regression_metrics(predictions, labels)
+  return metrics_lib.classification_metrics(predictions, labels)
+
+
+def predict(method: Method, state: TrainState, split: Batch, *, batch_size: int,
+            mesh: Mesh | None = None, eval_step: Callable[..., Any] | None = None) -> np.ndarray:
+  """Predictions for every sample of ``split`` in order: ``[N]`` scores or ``[N, C]`` logits."""
+  mesh = data_mesh() if mesh is None else mesh
+  if eval_step is None:
+    _, eval_step = compile_steps(method, optax.identity(), mesh)
+  batch_size = _round_up(min(batch_size, split.batch_size), mesh.size)
+  outputs = []
+  for batch in iterate_batches(split, batch_size, num_devices=mesh.size):
+    outputs.append(np.asarray(to_host(eval_step(state, put_batch(batch, mesh))))[batch.valid])
+  return np.concatenate(outputs)[:split.batch_size]
+
+
+def evaluate(method: Method, state: TrainState, split: Batch, task: str, *, batch_size: int = 256,
+             mesh: Mesh | None = None, eval_step: Callable[..., Any] | None = None
+             ) -> dict[str, float]:
+  """Paper metrics of ``method`` on ``split``."""
+  preds = predict(method, state, split, batch_size=batch_size, mesh=mesh, eval_step=eval_step)
+  return split_metrics(preds, np.asarray(split.label), task)
+
+
+def init_state(method: Method, dataset: Dataset, config: ml_collections.ConfigDict,
+               optimizer: optax.GradientTransformation) -> TrainState:
+  """Initial parameters from ``fold_in(seed, 0)``; the state's step key is ``fold_in(seed, 1)``."""
+  root = jax.random.PRNGKey(config.seed)
+  example = dataset.splits["train"].take(np.arange(min(2, dataset.splits["train"].batch_size)))
+  params, method_state = method.init(jax.random.fold_in(root, 0), example)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), method_state=method_state,
+                    key=jax.random.fold_in(root, 1))
+
+
+def fit(
+    method: Method,
+    dataset: Dataset,
+    config: ml_collections.ConfigDict,
+    *,
+    workdir: str | os.PathLike | None = None,
+    resume: bool = False,
+    mesh: Mesh | None = None,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+  """Trains ``method`` with early stopping on validation; see the module docstring."""
+  mesh = data_mesh() if mesh is None else mesh
+  check_batch_size(config.batch_size, mesh.size)
+  metric, mode = _selection(config, dataset.task)
+  optimizer = make_optimizer(config)
+  train_step, eval_step = compile_steps(method, optimizer, mesh)
+  state = jax.device_put(init_state(method, dataset, config, optimizer), replicated(mesh))
+
+  checkpointer = Checkpointer(workdir) if workdir is not None else None
+  progress = _Bookkeeping()
+  best_state = jax.device_get(state)  # host copy: the step donates the device buffers
+  if resume:
+    if checkpointer is None:
+      raise ValueError("resume: needs a workdir to resume from")
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+      state, meta = restored
+      progress = _Bookkeeping(**meta)
+      best_state = jax.device_get(checkpointer.restore_best(state)[0])
+      _write_jsonl(os.path.join(workdir, "metrics.jsonl"), progress.history)
+      log(f"resumed after epoch {progress.epoch} (step {int(state.step)})")
+
+  data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  train = dataset.splits["train"]
+  steps = num_batches(train.batch_size, config.batch_size, config.drop_remainder)
+  try:
+    for epoch in range(progress.epoch + 1, config.num_epochs + 1):
+      if config.patience and progress.bad_epochs >= config.patience:
+        break
+      start = time.perf_counter()
+      batches = iterate_batches(train, config.batch_size, key=jax.random.fold_in(data_key, epoch),
+                                drop_remainder=config.drop_remainder, num_devices=mesh.size)
+      sums: dict[str, float] = {}
+      bar = _ProgressBar(steps, f"epoch {epoch}", enabled=config.progress)
+      for batch in batches:
+        state, step_metrics = train_step(state, put_batch(batch, mesh))
+        weight = float(batch.valid.sum())
+        for k, v in jax.device_get(step_metrics).items():
+          sums[k] = sums.get(k, 0.0) + weight * float(v)
+        sums["_n"] = sums.get("_n", 0.0) + weight
+        bar.update()
+      bar.close()
+      n = sums.pop("_n")
+      train_terms = {k: v / n for k, v in sums.items()}
+      valid = evaluate(method, state, dataset.splits["valid"], dataset.task,
+                       batch_size=config.eval_batch_size, mesh=mesh, eval_step=eval_step)
+      improved = _better(valid[metric], progress.best_value, mode)
+      if improved:
+        progress.best_value, progress.best_epoch, progress.bad_epochs = valid[metric], epoch, 0
+        best_state = jax.device_get(state)
+      else:
+        progress.bad_epochs += 1
+      record = {"epoch": epoch, "step": int(state.step), "seconds": time.perf_counter() - start,
+                **{f"train/{k}": v for k, v in train_terms.items()},
+                **{f"valid/{k}": v for k, v in valid.items()}}
+      progress.epoch = epoch
+      progress.history.append(record)
+      log(_epoch_line(record, metric, improved))
+      if workdir is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
+        checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved)
+        _write_jsonl(os.path.join(workdir, "metrics.jsonl"), [record], mode="a")
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
+  best_valid = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
+  return FitResult(state=best_state, history=progress.history, best_epoch=progress.best_epoch,
+                   best_valid={k[6:]: v for k, v in best_valid.items() if k.startswith("valid/")})
+
+
+@dataclasses.dataclass
+class _Bookkeeping:
+  """Loop progress saved beside the state (JSON) so that a resumed run continues identically."""
+
+  epoch: int = 0
+  best_value: float | None = None
+  best_epoch: int = 0
+  bad_epochs: int = 0
+  history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _selection(config: ml_collections.ConfigDict, task: str) -> tuple[str, str]:
+  metric, mode = AUTO_SELECT[task]
+  if config.select_metric != "auto":
+    metric = config.select_metric
+    if config.select_mode == "auto":
+      raise ValueError(f"select_mode: give 'min' or 'max' for select_metric={metric!r}")
+  if config.select_mode != "auto":
+    mode = config.select_mode
+  if mode not in ("min", "max"):
+    raise ValueError(f"select_mode: expected 'min', 'max' or 'auto', got {mode!r}")
+  return metric, mode
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+  if not math.isfinite(value):
+    return False
+  if best is None:
+    return True
+  return value < best if mode == "min" else value > best
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _epoch_line(record: dict[str, Any], metric: str, improved: bool) -> str:
+  terms = " ".join(f"{k[6:]}={v:.4g}" for k, v in record.items() if k.startswith("train/"))
+  valid = record[f"valid/{metric}"]
+  mark = " *" if improved else ""
+  return (f"epoch {record['epoch']:3d} | {terms} | valid {metric}={valid:.4f}{mark} "
+          f"| {record['seconds']:.1f}s")
+
+
+def _write_jsonl(path: str, records: list[dict[str, Any]], mode: str = "w") -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, mode) as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+class _ProgressBar:
+  """A one-line progress bar on stderr, shown only when stderr is a terminal."""
+
+  def __init__(self, total: int, label: str, *, enabled: bool):
+    self.total, self.label, self.done = total, label, 0
+    self.enabled = enabled and sys.stderr.isatty()
+
+  def update(self) -> None:
+    self.done += 1
+    if self.enabled:
+      filled = int(30 * self.done / max(self.total, 1))
+      sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                       f"{self.done}/{self.total}")
+      sys.stderr.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      sys.stderr.write("\r" + " " * (len(self.label) + 45) + "\r")
