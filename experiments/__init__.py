@@ -1,0 +1,1 @@
+"""Command-line launchers (absl): ``python -m experiments.train`` / ``experiments.robustness``."""

@@ -1,0 +1,42 @@
+"""Train one method: ``python -m experiments.train --config=experiments/configs/default.py:euar``.
+
+Writes ``config.json``, ``metrics.jsonl``, checkpoints and ``test_metrics.json`` under ``--workdir``;
+``--resume`` continues a killed run from its latest checkpoint.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mmjax import experiment
+from mmjax.train import evaluate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+    "Experiment config file (and :method[,dataset]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host; reads the cluster env).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
+  config = _CONFIG.value
+  method, dataset, result = experiment.train(config, _WORKDIR.value, resume=_RESUME.value)
+  test = evaluate(method, result.state, dataset.splits["test"], dataset.task,
+                  batch_size=config.eval_batch_size)
+  print(f"best epoch {result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+  with open(os.path.join(_WORKDIR.value, "test_metrics.json"), "w") as f:
+    json.dump(test, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
