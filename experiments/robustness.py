@@ -30,19 +30,35 @@ _NOISE_MODALITIES = flags.DEFINE_list(
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG robustness curves (needs matplotlib).")
 
 
+def _prepare(base):
+  """Everything that can fail on bad flags, before any training: data, protocols, configs."""
+  configs = {}
+  for name in _METHODS.value:
+    config = base.copy_and_resolve_references()
+    if name != config.method:
+      config.method, config.model = name, experiment.get_config(name).model
+    experiment.check_config(config)
+    configs[name] = config
+  dataset = experiment.load_data(base)
+  noise = _NOISE_MODALITIES.value or None
+  if noise:
+    unknown = sorted(set(noise) - set(dataset.modalities))
+    if unknown:
+      raise ValueError(f"--noise_modalities: unknown {unknown}; the data has {list(dataset.modalities)}")
+  chosen = robustness.select(_PROTOCOLS.value, robustness.protocols(dataset.modalities, noise))
+  for name, config in configs.items():
+    experiment.build_method(config, dataset)  # model config errors surface now
+  return dataset, chosen, configs
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
   base = _CONFIG.value
-  dataset = experiment.load_data(base)
-  chosen = robustness.select(
-      _PROTOCOLS.value, robustness.protocols(dataset.modalities, _NOISE_MODALITIES.value or None))
+  dataset, chosen, configs = experiment.exit_on_bad_input(_prepare)(base)
   per_method = {}
-  for name in _METHODS.value:
-    config = base.copy_and_resolve_references()
-    if name != config.method:
-      config.method, config.model = name, experiment.get_config(name).model
+  for name, config in configs.items():
     runs = []
     for seed in range(_SEEDS.value):
       config.seed = seed

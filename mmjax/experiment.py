@@ -5,7 +5,10 @@ Kept importable (and tested) so that ``experiments/*.py`` stay a dozen lines of 
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from collections.abc import Callable
 
 import ml_collections
 
@@ -30,6 +33,40 @@ def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collectio
   return config
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the field, on values no run could use."""
+  positive = ("batch_size", "eval_batch_size", "num_epochs", "learning_rate")
+  for field in positive:
+    if not config[field] > 0:
+      raise ValueError(f"config.{field}: must be > 0, got {config[field]!r}")
+  for field in ("patience", "weight_decay", "grad_clip_norm"):
+    if config[field] < 0:
+      raise ValueError(f"config.{field}: must be >= 0, got {config[field]!r}")
+  methods.default_model_config(config.method)  # unknown method -> ValueError listing the known ones
+
+
+def prepare(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, methods.Method]:
+  """Checks the config, loads the data and builds the method: everything that can fail on bad
+  input happens here, before any training."""
+  check_config(config)
+  dataset = load_data(config)
+  return dataset, build_method(config, dataset)
+
+
+def exit_on_bad_input(step: Callable[..., object]) -> Callable[..., object]:
+  """Runs ``step``; a ``ValueError``/``FileNotFoundError`` becomes one ``error:`` line and exit 2."""
+
+  @functools.wraps(step)
+  def wrapped(*args, **kwargs):
+    try:
+      return step(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(2)
+
+  return wrapped
+
+
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   """The dataset named by ``config.dataset``, standardised on its train split if asked."""
   source = config.dataset.partition(":")[0]
@@ -46,8 +83,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | None, *, resume: boo
           dataset: data_lib.Dataset | None = None, log=print
           ) -> tuple[methods.Method, data_lib.Dataset, FitResult]:
   """Loads data (unless given), builds the method, trains; writes ``config.json`` to ``workdir``."""
-  dataset = load_data(config) if dataset is None else dataset
-  method = build_method(config, dataset)
+  if dataset is None:
+    dataset, method = prepare(config)
+  else:
+    check_config(config)
+    method = build_method(config, dataset)
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

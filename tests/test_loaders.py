@@ -348,7 +348,9 @@ def test_load_dataset_dispatches_each_source(tmp_path):
   np.savez(tmp_path / "d.npz", x=x, label=np.zeros(4, np.float32), split=np.array([0, 0, 1, 2]))
   ds = load_dataset(f"npz:{tmp_path / 'd.npz'}")
   assert ds.name == f"npz:{tmp_path / 'd.npz'}" and ds.splits["train"].batch_size == 2
-  assert set(LOADERS) == {"mmsa", "sdk", "multiview", "npz"}
+  assert set(LOADERS) == {"synthetic", "mmsa", "sdk", "multiview", "npz"}
+  synthetic = load_dataset("synthetic:classification", seed=3, n_train=8, n_valid=2, n_test=2)
+  assert synthetic.task == "classification" and synthetic.splits["train"].batch_size == 8
   rng = np.random.default_rng(11)
   _, path = _mmsa_file(tmp_path, rng)
   ds = load_dataset(f"mmsa:{path}", task="classification", num_classes=2)
@@ -502,7 +504,7 @@ ERROR_CASES = {
         r"bad.npz: cannot read as .npz"),
     "unknown prefix": (
         lambda p: lambda: load_dataset("hdf5:/x.h5"),
-        r"unknown source 'hdf5'; accepted forms: mmsa:<.*; sdk:<.*; multiview:<.*; npz:<"),
+        r"unknown source 'hdf5'; accepted forms: synthetic.*; mmsa:<.*; sdk:<.*; multiview:<.*; npz:<"),
     "no prefix": (lambda p: lambda: load_dataset("/data/aligned_50.pkl"), r"accepted forms"),
 }
 

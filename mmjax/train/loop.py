@@ -10,6 +10,7 @@ parameters as an uninterrupted run (all randomness is a function of the seed, th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -88,12 +89,18 @@ def predict(method: Method, state: TrainState, split: Batch, *, batch_size: int,
   """Predictions for every sample of ``split`` in order: ``[N]`` scores or ``[N, C]`` logits."""
   mesh = data_mesh() if mesh is None else mesh
   if eval_step is None:
-    _, eval_step = compile_steps(method, optax.identity(), mesh)
+    eval_step = _compiled_eval_step(method, mesh)
   batch_size = _round_up(min(batch_size, split.batch_size), mesh.size)
   outputs = []
   for batch in iterate_batches(split, batch_size, num_devices=mesh.size):
     outputs.append(np.asarray(to_host(eval_step(state, put_batch(batch, mesh))))[batch.valid])
   return np.concatenate(outputs)[:split.batch_size]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_eval_step(method: Method, mesh: Mesh) -> Callable[..., Any]:
+  """One jitted eval step per (method, mesh), so repeated ``predict`` calls do not recompile."""
+  return compile_steps(method, optax.identity(), mesh)[1]
 
 
 def evaluate(method: Method, state: TrainState, split: Batch, task: str, *, batch_size: int = 256,
@@ -143,7 +150,8 @@ def fit(
     if restored is not None:
       state, meta = restored
       progress = _Bookkeeping(**meta)
-      best_state = jax.device_get(checkpointer.restore_best(state)[0])
+      best = checkpointer.restore_best(state)
+      best_state = jax.device_get(state if best is None else best[0])
       _write_jsonl(os.path.join(workdir, "metrics.jsonl"), progress.history)
       log(f"resumed after epoch {progress.epoch} (step {int(state.step)})")
 

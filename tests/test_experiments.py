@@ -1,0 +1,64 @@
+"""The absl launchers end to end (subprocesses, as a user runs them)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(module, *args, cwd=REPO):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.dataset=mmsa:/no/such/file.pkl"], "error: /no/such/file.pkl: no such file"),
+    (["--config.method=nope"], "error: method: unknown 'nope'; available:"),
+    (["--config.batch_size=0"], "error: config.batch_size: must be > 0"),
+    (["--config.model.top_k=9"], "error: model.top_k: must lie in [1, model.num_experts=8]"),
+    (["--config.dataset=imagenet:x"], "error: dataset spec 'imagenet:x': unknown source"),
+    (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+])
+def test_train_launcher_fails_fast_with_one_line(tmp_path, args, message):
+  result = run("experiments.train", f"--workdir={tmp_path}", *args)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+def test_robustness_launcher_writes_consistent_results(tmp_path):
+  result = run("experiments.robustness", f"--workdir={tmp_path}", "--methods=euar,concat",
+               "--seeds=2", "--protocols=missing_rate,fixed_subsets,gaussian",
+               "--config.num_epochs=1", "--config.batch_size=64")
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  for method in ("euar", "concat"):
+    for seed_result in results["per_seed"][method]:
+      clean = seed_result["missing_rate"]["0"]
+      # Three views of the clean test set must agree exactly.
+      assert seed_result["gaussian"]["0"] == clean
+      assert seed_result["fixed_subsets"]["text+audio+vision"] == clean
+      # Losing modalities costs accuracy on this data (text carries the most signal).
+      assert seed_result["fixed_subsets"]["vision"]["mae"] > clean["mae"]
+    # Seeds differ (different initialisations), and the summary is their mean.
+    maes = [r["missing_rate"]["0"]["mae"] for r in results["per_seed"][method]]
+    assert maes[0] != maes[1]
+    mean, _ = results["summary"][method]["missing_rate"]["0"]["mae"]
+    assert mean == pytest.approx(sum(maes) / 2)
+  table = (tmp_path / "results.md").read_text()
+  assert "### fixed_subsets" in table and "| text+audio | concat |" in table
+  assert all((tmp_path / f"{p}.png").stat().st_size > 1000
+             for p in ("missing_rate", "fixed_subsets", "gaussian"))
+  # A second invocation loads the finished runs instead of retraining, and reproduces the results.
+  again = run("experiments.robustness", f"--workdir={tmp_path}", "--methods=euar,concat",
+              "--seeds=2", "--protocols=missing_rate,fixed_subsets,gaussian",
+              "--config.num_epochs=1", "--config.batch_size=64", "--noplots")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == results["per_seed"]
