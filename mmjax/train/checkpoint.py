@@ -30,8 +30,13 @@ class Checkpointer:
         os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
 
   def save(self, epoch: int, state: Any, meta: dict[str, Any], *, best: bool) -> None:
-    """Saves the state after ``epoch`` as latest, and as best when ``best``."""
-    managers = (self._latest, self._best) if best else (self._latest,)
+    """Saves the state after ``epoch`` as best when ``best``, then as latest.
+
+    Best first: a run killed between the two saves resumes from the previous epoch and redoes this
+    one bit-identically (orbax skips re-saving an existing best step), whereas latest-first would
+    resume with bookkeeping naming this epoch as best while the best checkpoint is an older one.
+    """
+    managers = (self._best, self._latest) if best else (self._latest,)
     for manager in managers:
       manager.save(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))

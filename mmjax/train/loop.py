@@ -140,20 +140,27 @@ def fit(
   train_step, eval_step = compile_steps(method, optimizer, mesh)
   state = jax.device_put(init_state(method, dataset, config, optimizer), replicated(mesh))
 
+  if resume and workdir is None:
+    raise ValueError("resume: needs a workdir to resume from")
   checkpointer = Checkpointer(workdir) if workdir is not None else None
+  if checkpointer is not None and not resume and checkpointer.latest_epoch() is not None:
+    # orbax silently skips saving steps <= its latest one: a fresh run here would save nothing.
+    epoch = checkpointer.latest_epoch()
+    checkpointer.close()
+    raise ValueError(f"workdir: {workdir} already holds checkpoints up to epoch {epoch}; pass "
+                     "resume=True to continue that run, or use an empty workdir")
   progress = _Bookkeeping()
   best_state = jax.device_get(state)  # host copy: the step donates the device buffers
   if resume:
-    if checkpointer is None:
-      raise ValueError("resume: needs a workdir to resume from")
     restored = checkpointer.restore_latest(state)
     if restored is not None:
       state, meta = restored
       progress = _Bookkeeping(**meta)
       best = checkpointer.restore_best(state)
       best_state = jax.device_get(state if best is None else best[0])
-      _write_jsonl(os.path.join(workdir, "metrics.jsonl"), progress.history)
       log(f"resumed after epoch {progress.epoch} (step {int(state.step)})")
+  if workdir is not None:  # the restored epochs, or none: drops lines of epochs never saved
+    _write_jsonl(os.path.join(workdir, "metrics.jsonl"), progress.history)
 
   data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
   train = dataset.splits["train"]

@@ -30,7 +30,7 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation):
         state.params, state.method_state, batch, key, True)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               method_state=method_state)
     return new_state, metrics

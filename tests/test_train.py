@@ -1,0 +1,223 @@
+"""Tests for mmjax.train: determinism, data parallelism, kill + resume, early stopping, errors.
+
+Every run trains a small EUAR (Gaussian experts, so the per-step ``"sample"`` RNG matters) on a
+small standardised synthetic dataset for a few epochs. ``REFERENCE`` is the uninterrupted run the
+other runs are compared against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmjax.data import make_synthetic, standardize
+from mmjax.methods import TaskSpec, build, default_model_config
+from mmjax.train import FitResult, data_mesh, default_train_config, evaluate, fit
+
+NUM_EPOCHS = 3
+
+
+class _Killed(Exception):
+  """Stands for the process being killed."""
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  return standardize(make_synthetic(
+      jax.random.key(0), n_train=64, n_valid=32, n_test=8, seq_len=4, dims=8))
+
+
+@pytest.fixture(scope="module")
+def method(dataset):
+  config = default_model_config("euar")
+  # A visible load-balancing weight: per-device (instead of global-batch) routing statistics
+  # would break the 1-device == 4-device test.
+  config.update(dict(hidden=16, num_experts=4, top_k=2, beta_balance=0.1))
+  return build("euar", config, TaskSpec.from_dataset(dataset))
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  config = default_train_config()
+  config.update(dict(num_epochs=NUM_EPOCHS, batch_size=16, learning_rate=1e-2, patience=0,
+                     progress=False))
+  config.update(overrides)
+  return config
+
+
+def _quiet(line: str) -> None:
+  del line
+
+
+@pytest.fixture(scope="module")
+def reference(method, dataset, tmp_path_factory) -> tuple[FitResult, str]:
+  """The uninterrupted run (default 4-device mesh), with its workdir."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  return fit(method, dataset, _config(), workdir=workdir, log=_quiet), workdir
+
+
+def _without_seconds(history):
+  return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def _assert_same_run(result: FitResult, expected: FitResult) -> None:
+  chex.assert_trees_all_equal(result.state, expected.state)
+  assert _without_seconds(result.history) == _without_seconds(expected.history)
+  assert (result.best_epoch, result.best_valid) == (expected.best_epoch, expected.best_valid)
+
+
+def _read_jsonl(workdir: str):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_reference_run_is_well_formed(reference, method, dataset):
+  result, workdir = reference
+  assert [r["epoch"] for r in result.history] == list(range(1, NUM_EPOCHS + 1))
+  assert [r["step"] for r in result.history] == [4 * e for e in range(1, NUM_EPOCHS + 1)]
+  assert {"train/task", "train/kl", "train/balance", "train/uloss", "train/loss",
+          "train/grad_norm", "valid/mae"} <= set(result.history[0])
+  assert _read_jsonl(workdir) == result.history
+  maes = [r["valid/mae"] for r in result.history]
+  assert result.best_epoch == 1 + int(np.argmin(maes))
+  # The returned state is the best epoch's: evaluating it reproduces that epoch's validation.
+  valid = evaluate(method, result.state, dataset.splits["valid"], dataset.task)
+  assert valid == pytest.approx(result.best_valid, rel=1e-6)
+
+
+def test_same_seed_is_bit_identical(reference, method, dataset):
+  _assert_same_run(fit(method, dataset, _config(), log=_quiet), reference[0])
+
+
+def test_different_seed_differs(reference, method, dataset):
+  result = fit(method, dataset, _config(seed=1), log=_quiet)
+  expected = reference[0]
+  for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(expected.state.params)):
+    assert not np.allclose(a, b)
+  assert result.history[-1]["train/loss"] != expected.history[-1]["train/loss"]
+  assert result.history[-1]["valid/mae"] != expected.history[-1]["valid/mae"]
+
+
+def test_one_device_matches_four_devices(reference, method, dataset):
+  assert len(jax.devices()) == 4  # tests/conftest.py forces four CPU devices.
+  result = fit(method, dataset, _config(), mesh=data_mesh(jax.devices()[:1]), log=_quiet)
+  expected = reference[0]
+  assert result.best_epoch == expected.best_epoch
+  chex.assert_trees_all_close(result.state.params, expected.state.params, rtol=1e-4, atol=1e-6)
+  for got, want in zip(result.history, expected.history):
+    for key in want:
+      if key.startswith(("train/", "valid/")):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------- kill + resume
+
+
+def _kill_after_epochs(method, dataset, workdir, epochs):
+  """A run that ends cleanly after ``epochs`` epochs, as if stopped between epochs."""
+  fit(method, dataset, _config(num_epochs=epochs), workdir=workdir, log=_quiet)
+
+
+def _kill_before_checkpoint(method, dataset, workdir, epochs):
+  """Killed after training epoch ``epochs + 1`` but before its checkpoint is written."""
+
+  def log(line):
+    if line.startswith(f"epoch {epochs + 1:3d}"):
+      raise _Killed
+
+  with pytest.raises(_Killed):
+    fit(method, dataset, _config(), workdir=workdir, log=log)
+
+
+def _kill_between_saves(method, dataset, workdir, epochs, monkeypatch):
+  """Killed inside the checkpointing of epoch ``epochs + 1``, after its first orbax save."""
+  save = ocp.CheckpointManager.save
+
+  def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == epochs + 1:
+      raise _Killed
+
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, "save", save_then_die)
+    with pytest.raises(_Killed):
+      fit(method, dataset, _config(), workdir=workdir, log=_quiet)
+
+
+@pytest.mark.parametrize("kill, epochs", [
+    (_kill_after_epochs, 1),
+    (_kill_before_checkpoint, 1),
+    (_kill_between_saves, NUM_EPOCHS - 1),
+])
+def test_killed_run_resumes_identically(kill, epochs, reference, method, dataset, tmp_path,
+                                        monkeypatch):
+  expected, _ = reference
+  # The last epoch must be the best one, or a wrongly restored best state would go unnoticed.
+  assert expected.best_epoch == NUM_EPOCHS
+  workdir = str(tmp_path)
+  if kill is _kill_between_saves:
+    kill(method, dataset, workdir, epochs, monkeypatch)
+  else:
+    kill(method, dataset, workdir, epochs)
+  lines = []
+  result = fit(method, dataset, _config(), workdir=workdir, resume=True, log=lines.append)
+  assert lines[0].startswith(f"resumed after epoch {epochs}")
+  assert len(lines) == 1 + NUM_EPOCHS - epochs
+  _assert_same_run(result, expected)
+  assert _read_jsonl(workdir) == result.history
+
+
+def test_resume_without_checkpoint_starts_fresh(reference, method, dataset, tmp_path):
+  lines = []
+  result = fit(method, dataset, _config(), workdir=str(tmp_path), resume=True, log=lines.append)
+  assert not any(line.startswith("resumed") for line in lines)
+  _assert_same_run(result, reference[0])
+
+
+def test_resume_requires_workdir(method, dataset):
+  with pytest.raises(ValueError, match="resume"):
+    fit(method, dataset, _config(), resume=True, log=_quiet)
+
+
+def test_fresh_run_refuses_used_workdir(reference, method, dataset):
+  with pytest.raises(ValueError, match="workdir.*resume=True"):
+    fit(method, dataset, _config(), workdir=reference[1], log=_quiet)
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_returns_best_epoch(method, dataset):
+  # Validation labels are negated: the better the model fits the training data, the worse its
+  # validation MAE, so validation peaks early and training must stop `patience` epochs later.
+  valid = dataset.splits["valid"]
+  shifted = dataclasses.replace(dataset, splits=dict(
+      dataset.splits, valid=valid.replace(label=-valid.label)))
+  patience, num_epochs = 1, 8
+  result = fit(method, shifted, _config(patience=patience, num_epochs=num_epochs), log=_quiet)
+  maes = [r["valid/mae"] for r in result.history]
+  assert len(maes) < num_epochs
+  assert result.best_epoch == 1 + int(np.argmin(maes))
+  assert len(maes) == result.best_epoch + patience
+  assert maes[-1] > maes[result.best_epoch - 1]
+  valid_metrics = evaluate(method, result.state, shifted.splits["valid"], shifted.task)
+  assert valid_metrics["mae"] == pytest.approx(min(maes), rel=1e-6)
+  assert valid_metrics["mae"] != pytest.approx(maes[-1], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_batch_size_must_divide_device_count(method, dataset):
+  with pytest.raises(ValueError, match="batch_size"):
+    fit(method, dataset, _config(batch_size=6), log=_quiet)
