@@ -13,7 +13,7 @@ import ml_collections
 
 from mmjax.data import Batch
 from mmjax.methods.base import Method, TaskSpec, flax_method
-from mmjax.nn import PooledEncoder
+from mmjax.nn import encode_modalities
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -28,9 +28,7 @@ class ConcatModel(nn.Module):
 
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool):
-    hs = [PooledEncoder(self.hidden, name=f"encoder_{m}")(
-        batch.features[m], batch.step_mask[m], batch.present[:, i])
-          for i, m in enumerate(self.modalities)]
+    hs = encode_modalities(batch, self.hidden)
     h = nn.Dropout(self.dropout, deterministic=not train)(jnp.concatenate(hs, axis=-1))
     h = nn.relu(nn.Dense(self.hidden, name="fusion")(h))
     return nn.Dense(self.output_dim, name="head")(h), {}
@@ -45,9 +43,7 @@ class LateFusionModel(nn.Module):
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool):
     outs = []
-    for i, m in enumerate(self.modalities):
-      h = PooledEncoder(self.hidden, name=f"encoder_{m}")(
-          batch.features[m], batch.step_mask[m], batch.present[:, i])
+    for m, h in zip(self.modalities, encode_modalities(batch, self.hidden)):
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
       outs.append(nn.Dense(self.output_dim, name=f"head_{m}")(h))
     weights = batch.present.astype(outs[0].dtype)  # Shape: [B, M]

@@ -29,7 +29,7 @@ from mmjax.data import Batch
 from mmjax.losses import gaussian_kl_standard_normal, load_balancing_loss, uncertainty_routing_loss
 from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, TaskSpec, flax_method
-from mmjax.nn import MixtureOfExperts, PooledEncoder
+from mmjax.nn import MixtureOfExperts, encode_modalities
 
 EXPERT_TYPES = ("gaussian", "mlp")
 
@@ -63,9 +63,7 @@ class EUARModel(nn.Module):
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool):
     hs, aux = [], {}
-    for i, m in enumerate(self.modalities):
-      x = PooledEncoder(self.hidden, name=f"encoder_{m}")(
-          batch.features[m], batch.step_mask[m], batch.present[:, i])
+    for m, x in zip(self.modalities, encode_modalities(batch, self.hidden)):
       h, aux[m] = MixtureOfExperts(
           self.num_experts, self.top_k, self.hidden, self.gaussian, self.sparse, name=f"moe_{m}")(
               x, train=train)

@@ -1,4 +1,4 @@
 """Shared Flax building blocks: pooling, modality encoders, mixtures of (Gaussian) experts."""
 
-from mmjax.nn.encoders import PooledEncoder, masked_mean_pool
+from mmjax.nn.encoders import PooledEncoder, encode_modalities, masked_mean_pool
 from mmjax.nn.moe import ExpertLayer, MixtureOfExperts

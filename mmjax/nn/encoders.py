@@ -32,3 +32,13 @@ class PooledEncoder(nn.Module):
     """``x [B, T, D]``, ``step_mask [B, T]``, ``present [B]`` -> ``[B, features]``."""
     pooled = masked_mean_pool(x, step_mask) * present[:, None].astype(x.dtype)
     return self.activation(nn.Dense(self.features, dtype=self.dtype, name="proj")(pooled))
+
+
+def encode_modalities(batch, features: int) -> list[jax.Array]:
+  """One :class:`PooledEncoder` per modality (named ``encoder_<m>``), in ``batch.modalities`` order.
+
+  Call it inside a parent module's ``nn.compact`` method; returns ``[B, features]`` per modality.
+  """
+  return [PooledEncoder(features, name=f"encoder_{m}")(
+      batch.features[m], batch.step_mask[m], batch.present[:, i])
+          for i, m in enumerate(batch.modalities)]
