@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
       top_k=3,
       expert_type="gaussian",
       sparse_experts=False,
+      log_var_init=0.0,  # initial bias of the log-variance maps (sigma^2 = e^0 = 1, the prior's)
       alpha_kl=1e-3,
       beta_balance=1e-5,
       lambda_u=1e-3,
@@ -59,13 +60,15 @@ class EUARModel(nn.Module):
   top_k: int = 3
   gaussian: bool = True
   sparse: bool = False
+  log_var_init: float = 0.0
 
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool):
     hs, aux = [], {}
     for m, x in zip(self.modalities, encode_modalities(batch, self.hidden)):
       h, aux[m] = MixtureOfExperts(
-          self.num_experts, self.top_k, self.hidden, self.gaussian, self.sparse, name=f"moe_{m}")(
+          self.num_experts, self.top_k, self.hidden, self.gaussian, self.sparse, self.log_var_init,
+          name=f"moe_{m}")(
               x, train=train)
       hs.append(h)
     return nn.Dense(self.output_dim, name="head")(jnp.concatenate(hs, axis=-1)), aux
@@ -79,7 +82,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
         f"model.top_k: must lie in [1, model.num_experts={config.num_experts}], got {config.top_k}")
   gaussian = config.expert_type == "gaussian"
   model = EUARModel(spec.modalities, spec.output_dim, config.hidden, config.num_experts,
-                    config.top_k, gaussian, config.sparse_experts)
+                    config.top_k, gaussian, config.sparse_experts, config.log_var_init)
 
   def regularizers(aux, batch):
     kl = balance = uloss = 0.0

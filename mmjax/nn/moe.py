@@ -19,12 +19,13 @@ class ExpertLayer(nn.Module):
   num_experts: int
   features: int
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal(batch_axis=(0,))
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array, expert_index: jax.Array | None = None) -> jax.Array:
     """``x [B, D_in]`` -> ``[B, N, d]`` (dense) or ``[B, k, d]`` (``expert_index [B, k]``)."""
     kernel = self.param("kernel", self.kernel_init, (self.num_experts, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.num_experts, self.features))
+    bias = self.param("bias", self.bias_init, (self.num_experts, self.features))
     if expert_index is None:
       return jnp.einsum("bi,nio->bno", x, kernel) + bias
     return jnp.einsum("bi,bkio->bko", x, kernel[expert_index]) + bias[expert_index]
@@ -49,6 +50,7 @@ class MixtureOfExperts(nn.Module):
   features: int = 128
   gaussian: bool = True
   sparse: bool = False
+  log_var_init: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -62,7 +64,9 @@ class MixtureOfExperts(nn.Module):
     aux = {"gates": gates, "routed_gates": routed_gates}
     z = mean
     if self.gaussian:
-      log_var = ExpertLayer(self.num_experts, self.features, name="log_var")(x, index)
+      log_var = ExpertLayer(self.num_experts, self.features,
+                            bias_init=nn.initializers.constant(self.log_var_init),
+                            name="log_var")(x, index)
       aux.update(mean=mean, log_var=log_var)
       if train:
         eps = jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
