@@ -97,6 +97,8 @@ def test_full_features_and_input_unchanged(name):
   for m in MODS:
     np.testing.assert_array_equal(
         np.asarray(out.full_features[m]), before[f".full_features['{m}']"])
+    np.testing.assert_array_equal(
+        np.asarray(out.full_step_mask[m]), before[f".full_step_mask['{m}']"])
   for k, v in arrays(batch).items():  # the input batch is not modified in place
     np.testing.assert_array_equal(v, before[k], err_msg=k)
   assert isinstance(out, Batch) and out is not batch

@@ -10,6 +10,7 @@ field                 shape / dtype                meaning
 ``present``           ``[B, M]`` bool              which modalities are available (inter-modal)
 ``label``             ``[B]`` float or int         regression score or class index
 ``full_features[m]``  ``[B, T_m, D_m]`` float      the clean copy; corruption never touches it
+``full_step_mask[m]`` ``[B, T_m]`` bool            real steps of the clean copy (never corrupted)
 ``valid``             ``[B]`` bool                 real samples (False = padding of a last batch)
 ``modalities``        static ``tuple[str, ...]``   modality order of ``present``'s last axis
 ====================  ===========================  =============================================
@@ -47,6 +48,7 @@ class Batch:
   present: Any
   label: Any
   full_features: dict[str, Any]
+  full_step_mask: dict[str, Any]
   valid: Any
   modalities: tuple[str, ...] = struct.field(pytree_node=False)
 
@@ -61,6 +63,7 @@ class Batch:
       step_mask: Mapping[str, Any] | None = None,
       present: Any = None,
       full_features: Mapping[str, Any] | None = None,
+      full_step_mask: Mapping[str, Any] | None = None,
       valid: Any = None,
       task: str | None = None,
       num_classes: int | None = None,
@@ -75,6 +78,7 @@ class Batch:
       step_mask: modality -> ``[B, T]`` bool; default all true.
       present: ``[B, M]`` bool; default all true.
       full_features: the clean copy; default ``features`` itself.
+      full_step_mask: real steps of the clean copy; default ``step_mask``.
       valid: ``[B]`` bool; default all true.
       task: if given, the label dtype/range is checked against it.
       num_classes: required for ``task='classification'`` range checks.
@@ -113,6 +117,8 @@ class Batch:
       step_mask = {m: xp.ones(features[m].shape[:2], bool) for m in modalities}
     if full_features is None:
       full_features = features
+    if full_step_mask is None:
+      full_step_mask = step_mask
     if present is None:
       present = xp.ones((batch_size, len(modalities)), bool)
     if valid is None:
@@ -124,6 +130,10 @@ class Batch:
         label=label,
         full_features={
             m: full_features[m] for m in _check_keys("full_features", full_features, modalities)
+        },
+        full_step_mask={
+            m: full_step_mask[m]
+            for m in _check_keys("full_step_mask", full_step_mask, modalities)
         },
         valid=valid,
         modalities=modalities,
@@ -143,11 +153,12 @@ class Batch:
     for m in self.modalities:
       x = self.features[m]
       t = x.shape[1]
-      if self.step_mask[m].shape != (b, t):
-        raise ValueError(
-            f"step_mask[{m!r}]: expected shape {(b, t)}, got {tuple(self.step_mask[m].shape)}")
-      if self.step_mask[m].dtype != bool:
-        raise ValueError(f"step_mask[{m!r}]: expected bool, got {self.step_mask[m].dtype}")
+      for field, mask in (("step_mask", self.step_mask[m]),
+                          ("full_step_mask", self.full_step_mask[m])):
+        if mask.shape != (b, t):
+          raise ValueError(f"{field}[{m!r}]: expected shape {(b, t)}, got {tuple(mask.shape)}")
+        if mask.dtype != bool:
+          raise ValueError(f"{field}[{m!r}]: expected bool, got {mask.dtype}")
       if self.full_features[m].shape != x.shape:
         raise ValueError(
             f"full_features[{m!r}]: shape {tuple(self.full_features[m].shape)} differs from "

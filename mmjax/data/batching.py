@@ -66,10 +66,9 @@ def apply_standardizer(batch: Batch, stats: FeatureStats) -> Batch:
   """``(x - mean) / std`` on the counted entries of ``features`` and ``full_features``; 0 elsewhere.
 
   ``features[m][b, t]`` is transformed where ``step_mask[m][b, t] & present[b, m]`` and
-  ``full_features[m][b, t]`` where ``step_mask[m][b, t]``; every other entry is set to 0, so
+  ``full_features[m][b, t]`` where ``full_step_mask[m][b, t]``; every other entry is set to 0, so
   padding and dropped modalities stay zero. Standardise right after loading, before any
-  corruption protocol: applied after ``mask_time_steps`` it would zero the clean copy at the
-  masked steps too.
+  corruption protocol (the statistics should describe clean data).
 
   Args:
     batch: NumPy batch with modalities ``stats`` knows, ``features[m]`` ``[B, T_m, D_m]``.
@@ -100,7 +99,7 @@ def apply_standardizer(batch: Batch, stats: FeatureStats) -> Batch:
   for i, m in enumerate(batch.modalities):
     step_mask = np.asarray(batch.step_mask[m])
     features[m] = transform(batch.features[m], step_mask & present[:, i:i + 1], m)
-    full_features[m] = transform(batch.full_features[m], step_mask, m)
+    full_features[m] = transform(batch.full_features[m], np.asarray(batch.full_step_mask[m]), m)
   return batch.replace(features=features, full_features=full_features)
 
 
