@@ -1,0 +1,357 @@
+"""EASE: uncertainty-aware imputation, elastic alignment and predictive consistency (papers/004).
+
+Model (SPEC §6.4; widths are ours, the paper's 768-d backbones are not needed on CPU):
+
+* **Encoders.** Per modality ``m``: ``Dense(d)`` + learned positional embedding ``[T_m, d]`` ->
+  :class:`~mmjax.nn.TransformerEncoder` (pre-LN, ``L`` layers, key-padding mask) -> masked mean
+  pool -> ``z_m [B, d]``. The corrupted input uses the mask ``step_mask & present`` (an absent
+  modality pools to 0); the clean copy (``full_features``, ``full_step_mask``, every modality
+  present) gives ``z^gt``.
+* **UCMI** (eq. 1-4). For every target ``B``: ``h_ctx = GELU(Dense([mean_{A avail, A != B} P_A z_A ;
+  c_B]))`` with ``P_A`` a per-source projection and ``c_B [M]`` the 0/1 indicator of the context
+  modalities (our addition: the mean alone cannot tell one source from two, and the variance should
+  know how much context it has). ``mu_B = F_mu^B(h_ctx)``, ``var_B = softplus(F_sigma^B(h_ctx)) +
+  1e-6``. The completed feature ``z_hat_B`` is ``mu_B`` at evaluation and ``mu_B + sigma_B * eps``
+  in training (key split from the step key). Every unavailable ``z_B`` is replaced by ``z_hat_B``.
+  ``L_ucmi = gaussian_nll(sg(z_B^gt), mu_B, var_B)`` averaged over the (valid sample, missing
+  modality) pairs.
+* **Missing modalities in training.** The training pass drops modalities at random on top of the
+  batch's own ``present`` with :func:`mmjax.data.drop_modalities` at ``train_missing_rate`` (key
+  split from the step key; at least one modality is always kept), so UCMI always has targets. At
+  evaluation the availability is ``batch.present``.
+* **Fusion / heads.** ``concat_m z_m -> Dense(d) -> GELU`` then a class head (logits over the task's
+  classes, or over the 3 sentiment bins of :func:`mmjax.data.sentiment_to_class` for regression)
+  and, for regression, a second head for the score. ``L_task`` = MSE of the score (regression) or
+  cross-entropy (classification); for regression the bin head is also trained with cross-entropy on
+  the binned labels (reported as ``task_bins``, weight 1, part of ``L_task``): without it the logits
+  MIPC compares would carry no supervised meaning.
+* **UCSA** (eq. 5-9). ``L_uada`` = per modality ``B``, :func:`mmjax.losses.kernel_cs_divergence`
+  between the real ``z_B`` of the samples where ``B`` is available and the completed ``z_hat_B``
+  where it is missing (``y_uncertainty`` = mean over ``d`` of ``var_B``, ``x_uncertainty`` = 0,
+  bandwidth ``tau = kernel_bandwidth * sqrt(d)`` so the kernel tracks the feature norm, ``alpha``),
+  averaged over the modalities that have both sets. ``L_anchor`` = mean over missing pairs of
+  :func:`mmjax.losses.gaussian_cs_divergence` ``(z_hat_B, var_B, mu_{B,y}, var_{B,y})`` to the
+  anchor of modality ``B`` and the sample's class ``y`` (bins for regression); pairs whose class
+  anchor has never been filled are skipped. ``L_align = L_uada + beta_1 L_anchor``.
+* **Anchors** (App. B.2 eq. 28-29) are ``method_state``: per modality and class, the mean and
+  diagonal variance (``+ 1e-6``) of ``sg(z^gt)`` over the valid samples of that class in the batch,
+  blended by EMA ``new = momentum * old + (1 - momentum) * batch`` — the first batch that contains a
+  class sets its anchor directly (the paper initialises from a pre-trained extractor). Classes
+  absent from a batch keep their anchor. Updated only in training; the loss reads the pre-update
+  anchors through ``stop_gradient``, so no gradient ever reaches them.
+* **MIPC** (eq. 10-12). ``num_views`` views, each a uniformly random non-empty modality subset per
+  sample drawn from the step key, applied as ``present & subset`` (a sample whose intersection is
+  empty keeps ``batch.present``); each view completes its missing modalities with UCMI. The full
+  view is the clean copy (``z^gt``, all modalities). ``L_consist =
+  predictive_consistency_loss(views) + anchored_consistency_loss(views, full)`` on the class logits
+  (the full view gets no gradient).
+* **Total** (eq. 13): ``L_task + lambda_1 L_ucmi + lambda_2 L_align + lambda_3 L_consist`` with
+  ``0.5, 0.2, 0.5`` and ``beta_1 = 0.02`` (App. A.3). Ablations (Table 4): ``use_ucmi``,
+  ``use_ucsa``, ``use_mipc`` each remove their loss terms (and MIPC its extra forward passes); the
+  architecture (completion of missing modalities) is unchanged.
+
+Metrics: ``task`` (+ ``task_bins``), ``ucmi``, ``uada``, ``anchor``, ``align``, ``cons``, ``asym``,
+``consist`` (those enabled), ``var_missing`` (mean predicted variance over missing pairs, monitoring
+only) and ``loss``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mmjax.data import Batch, drop_modalities, sentiment_to_class
+from mmjax.losses import (
+    anchored_consistency_loss, gaussian_cs_divergence, gaussian_nll, kernel_cs_divergence,
+    predictive_consistency_loss)
+from mmjax.losses._common import masked_mean
+from mmjax.methods.base import Method, TaskSpec
+from mmjax.nn import TransformerEncoder, masked_mean_pool
+
+REGRESSION_BINS = 3  # sentiment bins used as classes (anchors, MIPC) for regression data
+MIN_VAR = 1e-6  # epsilon of eq. 2 and eq. 29
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      hidden=32,
+      num_layers=1,
+      num_heads=4,
+      mlp_ratio=2,
+      dropout=0.0,
+      train_missing_rate=0.5,
+      num_views=2,
+      kernel_bandwidth=1.0,  # tau / sqrt(hidden)
+      kernel_alpha=1.0,  # alpha of eq. 6 (not given in the paper)
+      anchor_momentum=0.9,
+      lambda_ucmi=0.5,
+      lambda_align=0.2,
+      lambda_consist=0.5,
+      beta_anchor=0.02,
+      use_ucmi=True,
+      use_ucsa=True,
+      use_mipc=True,
+  ))
+
+
+class ModalityEncoder(nn.Module):
+  """``Dense(d)`` + positional embedding -> Transformer -> masked mean pool.
+
+  ``x [B, T, D]``, ``mask [B, T]`` -> ``[B, d]``.
+  """
+
+  hidden: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    h = nn.Dense(self.hidden, name="embed")(x)
+    h = h + self.param("position", nn.initializers.normal(0.02), (x.shape[1], self.hidden))
+    h = TransformerEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
+                           name="transformer")(h, mask, deterministic=not train)
+    return masked_mean_pool(h, mask)
+
+
+class EASEModel(nn.Module):
+  """The EASE network; its methods are called one by one by the loss (see the module docstring)."""
+
+  modalities: tuple[str, ...]
+  num_classes: int
+  regression: bool
+  hidden: int = 32
+  num_layers: int = 1
+  num_heads: int = 4
+  mlp_ratio: int = 2
+  dropout: float = 0.0
+
+  def setup(self):
+    self.encoders = [
+        ModalityEncoder(self.hidden, self.num_layers, self.num_heads, self.mlp_ratio * self.hidden,
+                        self.dropout) for _ in self.modalities]
+    self.source_proj = [nn.Dense(self.hidden) for _ in self.modalities]  # P_A
+    self.context_proj = nn.Dense(self.hidden)
+    self.mu_heads = [nn.Dense(self.hidden) for _ in self.modalities]  # F_mu^B
+    self.sigma_heads = [nn.Dense(self.hidden) for _ in self.modalities]  # F_sigma^B
+    self.fusion = nn.Dense(self.hidden)
+    self.class_head = nn.Dense(self.num_classes)
+    self.score_head = nn.Dense(1) if self.regression else None
+
+  def encode(self, features: dict[str, jax.Array], masks: dict[str, jax.Array], *,
+             train: bool) -> jax.Array:
+    """Modality -> ``[B, T_m, D_m]`` features and ``[B, T_m]`` masks -> ``z [B, M, d]``."""
+    return jnp.stack([enc(features[m], masks[m], train=train)
+                      for enc, m in zip(self.encoders, self.modalities)], axis=1)
+
+  def complete(self, z: jax.Array, available: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """UCMI (eq. 1-2): ``z [B, M, d]``, ``available [B, M]`` -> ``mu, var [B, M(target), d]``."""
+    num_mod = len(self.modalities)
+    projected = jnp.stack([p(z[:, a]) for a, p in enumerate(self.source_proj)], axis=1)
+    # Shape: [B, M(target), M(source)]: available sources other than the target.
+    context = available[:, None, :] & ~jnp.eye(num_mod, dtype=bool)[None]
+    weights = context.astype(z.dtype)
+    mean = jnp.einsum("bts,bsd->btd", weights, projected) / jnp.maximum(
+        weights.sum(-1, keepdims=True), 1.0)
+    h_ctx = nn.gelu(self.context_proj(jnp.concatenate([mean, weights], axis=-1)))
+    mu = jnp.stack([f(h_ctx[:, t]) for t, f in enumerate(self.mu_heads)], axis=1)
+    var = jnp.stack([jax.nn.softplus(f(h_ctx[:, t])) + MIN_VAR
+                     for t, f in enumerate(self.sigma_heads)], axis=1)
+    return mu, var
+
+  def __call__(self, features: dict[str, jax.Array], masks: dict[str, jax.Array],
+               available: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Evaluation forward pass: encode, complete the unavailable modalities with ``mu``, predict."""
+    z = self.encode(features, masks, train=False)
+    mu, _ = self.complete(z, available)
+    return self.head(jnp.where(available[..., None], z, mu))
+
+  def head(self, z: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """``z [B, M, d]`` -> class logits ``[B, C]`` and (regression) scores ``[B]``."""
+    h = nn.gelu(self.fusion(z.reshape(z.shape[0], -1)))
+    score = self.score_head(h)[:, 0] if self.regression else None
+    return self.class_head(h), score
+
+
+def make_model(config: ml_collections.ConfigDict, spec: TaskSpec) -> EASEModel:
+  """The :class:`EASEModel` for ``spec`` (classes: the task's, or the sentiment bins)."""
+  regression = spec.task == "regression"
+  return EASEModel(spec.modalities, REGRESSION_BINS if regression else int(spec.num_classes),
+                   regression, config.hidden, config.num_layers, config.num_heads,
+                   config.mlp_ratio, config.dropout)
+
+
+def sample_views(key: jax.Array, num_views: int, batch_size: int, num_modalities: int) -> jax.Array:
+  """``[V, B, M]`` bool: a uniformly random non-empty modality subset per view and sample."""
+  # Subset codes 1 .. 2^M - 1; bit i of the code keeps modality i.
+  codes = jax.random.randint(key, (num_views, batch_size), 1, 2 ** num_modalities)
+  return (codes[..., None] >> jnp.arange(num_modalities)) & 1 == 1
+
+
+def class_labels(batch: Batch, spec: TaskSpec) -> jax.Array:
+  """``[B]`` int classes: the labels, or their 3 sentiment bins for regression."""
+  if spec.task == "regression":
+    return sentiment_to_class(batch.label, REGRESSION_BINS)
+  return jnp.asarray(batch.label, jnp.int32)
+
+
+def init_anchors(num_modalities: int, num_classes: int, hidden: int) -> dict[str, jax.Array]:
+  """Empty anchors: mean 0, variance 1, ``seen`` False (set by the first batch with the class)."""
+  return {"mean": jnp.zeros((num_modalities, num_classes, hidden)),
+          "var": jnp.ones((num_modalities, num_classes, hidden)),
+          "seen": jnp.zeros((num_classes,), bool)}
+
+
+def update_anchors(anchors: dict[str, jax.Array], z_gt: jax.Array, classes: jax.Array,
+                   valid: jax.Array, momentum: float) -> dict[str, jax.Array]:
+  """EMA of the per-class statistics of ``sg(z_gt) [B, M, d]`` (App. B.2 eq. 28-29).
+
+  Batch statistics per modality ``m`` and class ``k`` over valid samples of class ``k``:
+  ``mean = sum z / n_k``, ``var = sum (z - mean)^2 / n_k + 1e-6``; then
+  ``new = momentum * old + (1 - momentum) * batch`` (``batch`` directly the first time class ``k``
+  is seen; unchanged when ``n_k = 0``).
+  """
+  z = jax.lax.stop_gradient(z_gt)
+  num_classes = anchors["seen"].shape[0]
+  onehot = jax.nn.one_hot(classes, num_classes, dtype=z.dtype) * valid[:, None]  # [B, K]
+  count = onehot.sum(0)  # [K]
+  denom = jnp.maximum(count, 1.0)[None, :, None]
+  mean = jnp.einsum("bk,bmd->mkd", onehot, z) / denom  # [M, K, d]
+  diff = z[:, :, None, :] - mean[None]  # [B, M, K, d]
+  var = jnp.einsum("bk,bmkd->mkd", onehot, jnp.square(diff)) / denom + MIN_VAR
+  has = (count > 0)[None, :, None]
+  seen = anchors["seen"][None, :, None]
+
+  def blend(old, new):
+    return jnp.where(has, jnp.where(seen, momentum * old + (1.0 - momentum) * new, new), old)
+
+  return {"mean": blend(anchors["mean"], mean), "var": blend(anchors["var"], var),
+          "seen": anchors["seen"] | (count > 0)}
+
+
+def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
+  """EASE as a :class:`~mmjax.methods.base.Method` (see the module docstring)."""
+  if config.hidden % config.num_heads:
+    raise ValueError(
+        f"model.num_heads: {config.num_heads} does not divide model.hidden={config.hidden}")
+  if not 0.0 <= config.train_missing_rate <= 1.0:
+    raise ValueError(f"model.train_missing_rate: expected a value in [0, 1], got "
+                     f"{config.train_missing_rate}")
+  if not 0.0 <= config.anchor_momentum < 1.0:
+    raise ValueError(f"model.anchor_momentum: expected a value in [0, 1), got "
+                     f"{config.anchor_momentum}")
+  if config.num_views < 2:
+    raise ValueError(f"model.num_views: expected >= 2, got {config.num_views}")
+  model = make_model(config, spec)
+  regression = spec.task == "regression"
+  bandwidth = config.kernel_bandwidth * math.sqrt(config.hidden)
+
+  @jax.jit
+  def init(key, batch):
+    params = model.init(key, batch.features, batch.step_mask, jnp.asarray(batch.present))["params"]
+    return params, init_anchors(len(spec.modalities), model.num_classes, config.hidden)
+
+  def forward(params, available, z, key, train):
+    """Completes the unavailable modalities and predicts: logits, score, mu, var, z_hat."""
+    mu, var = model.apply({"params": params}, z, available, method="complete")
+    z_hat = mu + jnp.sqrt(var) * jax.random.normal(key, mu.shape) if train else mu
+    logits, score = model.apply(
+        {"params": params}, jnp.where(available[..., None], z, z_hat), method="head")
+    return logits, score, mu, var, z_hat
+
+  def loss(params, state, batch, key, train):
+    drop_key, sample_key, view_key, dropout_key = jax.random.split(key, 4)
+    rngs = {"dropout": dropout_key} if train else {}
+    present = jnp.asarray(batch.present)
+    valid = jnp.asarray(batch.valid)
+
+    # One encoder pass over [corrupted; clean] stacked on the batch axis (half the compiled graph).
+    observed = _observed_masks(batch, present)
+    z, z_gt = jnp.split(model.apply(
+        {"params": params},
+        {m: jnp.concatenate([batch.features[m], batch.full_features[m]]) for m in spec.modalities},
+        {m: jnp.concatenate([observed[m], batch.full_step_mask[m]]) for m in spec.modalities},
+        train=train, method="encode", rngs=rngs), 2)
+    available = drop_modalities(drop_key, batch, config.train_missing_rate).present if train \
+        else present
+    logits, score, mu, var, z_hat = forward(
+        params, available, z, jax.random.fold_in(sample_key, 0), train)
+    predictions = score if regression else logits
+    classes = class_labels(batch, spec)
+    missing = ~available & valid[:, None]  # [B, M]
+
+    metrics = {}
+    if regression:
+      metrics["task"] = masked_mean(jnp.square(score - batch.label), valid)
+      metrics["task_bins"] = _cross_entropy(logits, classes, valid)
+    else:
+      metrics["task"] = _cross_entropy(logits, classes, valid)
+    total = metrics["task"] + metrics.get("task_bins", 0.0)
+    metrics["var_missing"] = masked_mean(jnp.mean(var, -1), missing)
+
+    if config.use_ucmi:
+      nll = gaussian_nll(jax.lax.stop_gradient(z_gt), mu, var)  # [B, M]
+      metrics["ucmi"] = masked_mean(nll, missing)
+      total = total + config.lambda_ucmi * metrics["ucmi"]
+
+    if config.use_ucsa:
+      real = (available & valid[:, None]).T  # [M, B]
+      uada = kernel_cs_divergence(
+          z.transpose(1, 0, 2), z_hat.transpose(1, 0, 2), bandwidth=bandwidth,
+          y_uncertainty=jnp.mean(var, -1).T, alpha=config.kernel_alpha, x_where=real,
+          y_where=missing.T)  # [M]
+      metrics["uada"] = masked_mean(uada, real.any(-1) & missing.T.any(-1))
+      anchors = jax.lax.stop_gradient(state)
+      anchor_mean = anchors["mean"][:, classes].transpose(1, 0, 2)  # [B, M, d]
+      anchor_var = anchors["var"][:, classes].transpose(1, 0, 2)
+      anchor = gaussian_cs_divergence(z_hat, var, anchor_mean, anchor_var)  # [B, M]
+      metrics["anchor"] = masked_mean(anchor, missing & anchors["seen"][classes][:, None])
+      metrics["align"] = metrics["uada"] + config.beta_anchor * metrics["anchor"]
+      total = total + config.lambda_align * metrics["align"]
+
+    if config.use_mipc:
+      subsets = sample_views(view_key, config.num_views, batch.batch_size, len(spec.modalities))
+      view_logits = []
+      for v in range(config.num_views):
+        view = present & subsets[v]
+        view = jnp.where(view.any(-1, keepdims=True), view, present)
+        view_logits.append(forward(
+            params, view, z, jax.random.fold_in(sample_key, v + 1), train)[0])
+      view_logits = jnp.stack(view_logits)  # [V, B, C]
+      full_logits, _ = model.apply({"params": params}, z_gt, method="head")
+      metrics["cons"] = predictive_consistency_loss(view_logits, where=valid)
+      metrics["asym"] = anchored_consistency_loss(view_logits, full_logits, where=valid)
+      metrics["consist"] = metrics["cons"] + metrics["asym"]
+      total = total + config.lambda_consist * metrics["consist"]
+
+    metrics["loss"] = total
+    new_state = update_anchors(state, z_gt, classes, valid, config.anchor_momentum) if train \
+        else state
+    return total, (metrics, new_state, predictions)
+
+  def predict(params, state, batch):
+    del state
+    present = jnp.asarray(batch.present)
+    logits, score = model.apply(
+        {"params": params}, batch.features, _observed_masks(batch, present), present)
+    return score if regression else logits
+
+  return Method(name="ease", init=init, loss=loss, predict=predict)
+
+
+def _observed_masks(batch: Batch, present: jax.Array) -> dict[str, jax.Array]:
+  """``step_mask[m] & present[:, m]``: the steps the encoder of the corrupted input may see."""
+  return {m: jnp.asarray(batch.step_mask[m]) & present[:, i, None]
+          for i, m in enumerate(batch.modalities)}
+
+
+def _cross_entropy(logits: jax.Array, classes: jax.Array, valid: jax.Array) -> jax.Array:
+  return masked_mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), classes), valid)
+

@@ -1,0 +1,70 @@
+"""A small pre-LN Transformer encoder with a key-padding mask (Vaswani 2017; Xiong et al. 2020).
+
+Used by EASE (SPEC §6.4) as the per-modality backbone and reusable by any method::
+
+  x = x + Dropout(MHA(LN(x), mask))          # pre-LN self-attention, padded keys masked out
+  x = x + Dropout(MLP(LN(x)))                # Dense(mlp_dim) -> GELU -> Dense(d)
+  ... num_layers times, then a final LN
+
+The mask is a *key*-padding mask: every query (padded ones included) attends only to the real steps
+of its row. A row whose steps are all masked (an absent modality) attends uniformly over its padding
+— finite values that a masked pooling discards.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class TransformerBlock(nn.Module):
+  """One pre-LN encoder block: ``[B, T, d]``, ``mask [B, T]`` -> ``[B, T, d]``."""
+
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+    d = x.shape[-1]
+    # Shape: [B, 1, T(query), T(key)]; queries are never masked, keys are.
+    attention_mask = nn.make_attention_mask(jnp.ones_like(mask), mask)
+    h = nn.LayerNorm(name="ln_attention")(x)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout_rate, deterministic=deterministic,
+        name="attention")(h, h, mask=attention_mask)
+    x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    h = nn.Dense(d, name="mlp_out")(nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(h)))
+    return x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+
+
+class TransformerEncoder(nn.Module):
+  """``num_layers`` :class:`TransformerBlock` s and a final LayerNorm.
+
+  Attributes:
+    num_layers: number of blocks ``L``.
+    num_heads: attention heads (must divide the model width ``d``).
+    mlp_dim: hidden width of each block's MLP.
+    dropout_rate: dropout on attention weights and residual branches (the ``"dropout"`` RNG
+      stream; off when ``deterministic``).
+  """
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """``x [B, T, d]``, ``mask [B, T]`` bool (True = real step) -> ``[B, T, d]``."""
+    if x.ndim != 3 or mask.shape != x.shape[:2]:
+      raise ValueError(
+          f"expected x [B, T, d] and mask [B, T], got x{list(x.shape)}, mask{list(mask.shape)}")
+    if x.shape[-1] % self.num_heads:
+      raise ValueError(f"num_heads: {self.num_heads} does not divide the width {x.shape[-1]}")
+    for i in range(self.num_layers):
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout_rate, name=f"block_{i}")(
+          x, mask, deterministic=deterministic)
+    return nn.LayerNorm(name="ln_final")(x)
