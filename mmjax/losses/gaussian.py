@@ -132,14 +132,13 @@ def gaussian_cs_divergence_full(mean_p: Any, cov_p: Any, mean_q: Any, cov_q: Any
   cov_p = jnp.broadcast_to(cov_p, batch + (d, d))
   cov_q = jnp.broadcast_to(cov_q, batch + (d, d))
   diff = jnp.broadcast_to(mean_p - mean_q, batch + (d,))
-  chol_s = jnp.linalg.cholesky(cov_p + cov_q)
+  # One stacked Cholesky instead of three: jaxlib 0.10's CPU LAPACK kernels can deadlock when
+  # several batched factorisations run concurrently on a 2-thread pool (see docs/performance.md).
+  # Shape: [3, ..., D, D] = chol(S), chol(Sigma_p), chol(Sigma_q)
+  chol = jnp.linalg.cholesky(jnp.stack([cov_p + cov_q, cov_p, cov_q]))
   whitened = jax.lax.linalg.triangular_solve(
-      chol_s, diff[..., None], left_side=True, lower=True)[..., 0]
+      chol[0], diff[..., None], left_side=True, lower=True)[..., 0]
   mahalanobis = jnp.sum(jnp.square(whitened), axis=-1)
-
-  def log_det(chol):
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-
-  log_det_2p = d * math.log(2.0) + log_det(jnp.linalg.cholesky(cov_p))
-  log_det_2q = d * math.log(2.0) + log_det(jnp.linalg.cholesky(cov_q))
-  return mahalanobis + log_det(chol_s) - 0.5 * log_det_2p - 0.5 * log_det_2q
+  log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+  log_2 = d * math.log(2.0)
+  return mahalanobis + log_det[0] - 0.5 * (log_2 + log_det[1]) - 0.5 * (log_2 + log_det[2])
