@@ -97,7 +97,7 @@ def make_dataset(batch_size: int, seed: int = 0):
   return data.Dataset("bench", "regression", None, {s: batch for s in data.SPLITS})
 
 
-def _time_calls(step, state, batch, *, advance: bool, warmup: int, repeats: int):
+def time_calls(step, state, batch, *, advance: bool, warmup: int, repeats: int):
   """Calls ``step(state, batch)`` ``1 + warmup + repeats`` times, each blocked on.
 
   Returns ``(state, first-call seconds, median of the last repeats in seconds)``; with ``advance``
@@ -132,9 +132,9 @@ def time_case(case: Case, num_devices: int, warmup: int, repeats: int) -> dict[s
   train_step, eval_step = train.compile_steps(method, optimizer, mesh)
   state = jax.device_put(train.init_state(method, dataset, config, optimizer), replicated(mesh))
   batch = jax.block_until_ready(train.put_batch(dataset.splits["train"], mesh))
-  state, train_first, train_step_s = _time_calls(
+  state, train_first, train_step_s = time_calls(
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
-  _, eval_first, eval_step_s = _time_calls(
+  _, eval_first, eval_step_s = time_calls(
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
   return dict(dataclasses.asdict(case), top_k=case.top_k, devices=num_devices,
               train_first_s=train_first, train_step_s=train_step_s,

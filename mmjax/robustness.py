@@ -84,6 +84,10 @@ def level_name(level: Any) -> str:
   return "+".join(level) if isinstance(level, tuple) else f"{level:g}"
 
 
+# Pseudo-level holding, for numeric sweeps, each metric averaged over all levels (per seed).
+MEAN_LEVEL = "mean"
+
+
 def sweep(
     predict_fn: Callable[[data_lib.Batch], np.ndarray],
     split: data_lib.Batch,
@@ -92,7 +96,11 @@ def sweep(
     key: jax.Array,
     metrics_fn: Callable[[np.ndarray, np.ndarray, str], dict[str, float]],
 ) -> dict[str, dict[str, dict[str, float]]]:
-  """``{protocol: {level: metrics}}`` of ``predict_fn`` on corrupted copies of ``split``."""
+  """``{protocol: {level: metrics}}`` of ``predict_fn`` on corrupted copies of ``split``.
+
+  Numeric sweeps also get a ``"mean"`` entry: every metric averaged over the levels (equal weights),
+  so that the mean ± std over seeds of :func:`aggregate` is taken over per-seed averages.
+  """
   labels = np.asarray(split.label)
   results: dict[str, dict[str, dict[str, float]]] = {}
   for protocol in chosen:
@@ -103,6 +111,10 @@ def sweep(
                                      _stable_hash(name))
       corrupted = jax.tree.map(np.asarray, protocol.apply(level_key, split, level))
       results[protocol.name][name] = metrics_fn(predict_fn(corrupted), labels, task)
+    if not isinstance(protocol.levels[0], tuple):  # EASE Table 1 reports the average over rates
+      levels = [results[protocol.name][level_name(level)] for level in protocol.levels]
+      results[protocol.name][MEAN_LEVEL] = {m: float(np.mean([r[m] for r in levels]))
+                                            for m in levels[0]}
   return results
 
 

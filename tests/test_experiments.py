@@ -47,6 +47,11 @@ def test_robustness_launcher_writes_consistent_results(tmp_path):
       assert seed_result["fixed_subsets"]["text+audio+vision"] == clean
       # Losing modalities costs accuracy on this data (text carries the most signal).
       assert seed_result["fixed_subsets"]["vision"]["mae"] > clean["mae"]
+      # The "mean" pseudo-level averages the swept levels (numeric protocols only).
+      levels = [v for k, v in seed_result["gaussian"].items() if k != "mean"]
+      assert seed_result["gaussian"]["mean"]["mae"] == pytest.approx(
+          sum(r["mae"] for r in levels) / len(levels))
+      assert "mean" not in seed_result["fixed_subsets"]
     # Seeds differ (different initialisations), and the summary is their mean.
     maes = [r["missing_rate"]["0"]["mae"] for r in results["per_seed"][method]]
     assert maes[0] != maes[1]

@@ -271,13 +271,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     present = jnp.asarray(batch.present)
     valid = jnp.asarray(batch.valid)
 
-    # One encoder pass over [corrupted; clean] stacked on the batch axis (half the compiled graph).
-    observed = _observed_masks(batch, present)
-    z, z_gt = jnp.split(model.apply(
-        {"params": params},
-        {m: jnp.concatenate([batch.features[m], batch.full_features[m]]) for m in spec.modalities},
-        {m: jnp.concatenate([observed[m], batch.full_step_mask[m]]) for m in spec.modalities},
-        train=train, method="encode", rngs=rngs), 2)
+    z, z_gt = encode_observed_and_clean(model, params, batch, present, train=train, rngs=rngs)
     available = drop_modalities(drop_key, batch, config.train_missing_rate).present if train \
         else present
     logits, score, mu, var, z_hat = forward(
@@ -343,6 +337,60 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     return score if regression else logits
 
   return Method(name="ease", init=init, loss=loss, predict=predict)
+
+
+def encode_observed_and_clean(model: EASEModel, params, batch: Batch, present: jax.Array, *,
+                              train: bool, rngs: dict[str, jax.Array]
+                              ) -> tuple[jax.Array, jax.Array]:
+  """``z`` of the corrupted input (steps ``step_mask & present``) and ``z^gt`` of the clean copy.
+
+  One encoder pass over ``[corrupted; clean]`` stacked on the batch axis (half the compiled graph).
+  Returns two ``[B, M, d]`` arrays.
+  """
+  observed = _observed_masks(batch, present)
+  return jnp.split(model.apply(
+      {"params": params},
+      {m: jnp.concatenate([batch.features[m], batch.full_features[m]]) for m in model.modalities},
+      {m: jnp.concatenate([observed[m], batch.full_step_mask[m]]) for m in model.modalities},
+      train=train, method="encode", rngs=rngs), 2)
+
+
+def imputation_moments(params, batch: Batch, config: ml_collections.ConfigDict, spec: TaskSpec
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """UCMI's prediction and its target on ``batch`` (evaluation pass, availability ``present``).
+
+  Args:
+    params: EASE parameters (``TrainState.params``).
+    batch: a batch whose ``present`` marks the dropped modalities (e.g. from
+      :func:`mmjax.data.drop_modalities`); ``full_features`` is the clean copy.
+    config: the EASE model config the parameters were trained with.
+    spec: the task of the data.
+
+  Returns:
+    ``z_gt, mu, var`` ``[B, M, d]`` (the clean encoding, the target of eq. 4, and eq. 1-2 for every
+    target modality) and ``pairs [B, M]`` bool, the (valid sample, missing modality) pairs
+    ``valid & ~present`` where the imputation is used.
+  """
+  model = make_model(config, spec)
+  present = jnp.asarray(batch.present)
+  z, z_gt = encode_observed_and_clean(model, params, batch, present, train=False, rngs={})
+  mu, var = model.apply({"params": params}, z, present, method="complete")
+  return z_gt, mu, var, ~present & jnp.asarray(batch.valid)[:, None]
+
+
+def imputation_residuals(params, batch: Batch, config: ml_collections.ConfigDict,
+                         spec: TaskSpec) -> tuple[jax.Array, jax.Array]:
+  """Standardised residuals of the UCMI imputation on ``batch`` (EASE §4.5, uncertainty check).
+
+  ``r_B = (z_B^gt - mu_B) / sqrt(var_B)`` per dimension, from :func:`imputation_moments` (same
+  arguments). Calibrated variances give ``r ~ N(0, 1)``; compare with
+  :func:`mmjax.stats.ks_distance_to_standard_normal` on ``residuals[pairs]``.
+
+  Returns:
+    ``residuals [B, M, d]`` (every target; only the pairs are meaningful) and ``pairs [B, M]``.
+  """
+  z_gt, mu, var, pairs = imputation_moments(params, batch, config, spec)
+  return (z_gt - mu) / jnp.sqrt(var), pairs
 
 
 def _observed_masks(batch: Batch, present: jax.Array) -> dict[str, jax.Array]:

@@ -1,0 +1,111 @@
+"""Speed and size of EASE's jitted train / eval step at MOSI shapes (one CPU device).
+
+Each case builds ``--methods`` from ``mmjax.experiment.get_config`` (EASE with ``hidden`` from
+``--hiddens``, its other defaults unchanged; other methods at their defaults for reference), one
+random MOSI-shaped regression batch (:func:`bench_train_step.make_dataset`: text ``[B, 50, 768]``,
+audio ``[B, 50, 74]``, vision ``[B, 50, 47]``) and times the steps of
+:func:`mmjax.train.compile_steps` like ``bench_train_step.py`` does: "first call" = trace +
+compile + one run, "ms/step" = median of ``--repeats`` calls after ``--warmup`` warm-up calls, each
+blocked on; the train step is fed the state it returned. "params" counts the trainable parameters
+(not the optimizer state, not EASE's anchors).
+
+  python benchmarks/bench_ease.py                        # B = 64; EASE d = 32, 128; concat, euar
+  python benchmarks/bench_ease.py --hiddens=32 --methods=ease --output=/tmp/ease_perf.md
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train_step as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_METHODS = flags.DEFINE_list("methods", ["ease", "concat", "euar"], "Methods to time.")
+_HIDDENS = flags.DEFINE_list("hiddens", ["32", "128"], "EASE widths d (other methods: defaults).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size B.", lower_bound=1)
+# --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
+# flags (--devices, --experts, ...) are ignored here.
+# pylint: disable-next=protected-access
+_REPEATS, _WARMUP, _OUTPUT = shared._REPEATS, shared._WARMUP, shared._OUTPUT
+
+
+def time_method(method_name: str, hidden: int | None, batch_size: int, warmup: int,
+                repeats: int) -> dict[str, Any]:
+  """Builds the method (EASE at width ``hidden``) and times its train and eval steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax import experiment, train  # pylint: disable=g-import-not-at-top
+  from mmjax.train.sharding import replicated  # pylint: disable=g-import-not-at-top
+  config = experiment.get_config(method_name)
+  config.batch_size = batch_size
+  if hidden is not None:
+    config.model.hidden = hidden
+  dataset = shared.make_dataset(batch_size)
+  method = experiment.build_method(config, dataset)
+  optimizer = train.make_optimizer(config)
+  mesh = train.data_mesh(jax.devices()[:1])
+  train_step, eval_step = train.compile_steps(method, optimizer, mesh)
+  state = jax.device_put(train.init_state(method, dataset, config, optimizer), replicated(mesh))
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  batch = jax.block_until_ready(train.put_batch(dataset.splits["train"], mesh))
+  state, train_first, train_s = shared.time_calls(  # pylint: disable=protected-access
+      train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
+  _, eval_first, eval_s = shared.time_calls(  # pylint: disable=protected-access
+      eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
+  return dict(method=method_name, hidden=config.model.get("hidden"), params=params,
+              train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,
+              eval_step_s=eval_s)
+
+
+def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], batch_size: int,
+                   warmup: int, repeats: int, load: tuple[float, float]) -> str:
+  lines = ["| method | hidden | params | train first call s | train ms/step | eval first call s "
+           "| eval ms/step |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in results:
+    lines.append(f"| {r['method']} | {r['hidden']} | {r['params']:,} | {r['train_first_s']:.2f} "
+                 f"| {1e3 * r['train_step_s']:.1f} | {r['eval_first_s']:.2f} "
+                 f"| {1e3 * r['eval_step_s']:.1f} |")
+  dims = shared.FEATURE_DIMS
+  lines += ["", f"B = {batch_size}; text [B, {shared.SEQ_LEN}, {dims['text']}], audio [B, "
+            f"{shared.SEQ_LEN}, {dims['audio']}], vision [B, {shared.SEQ_LEN}, {dims['vision']}], "
+            f"regression; one device. ms/step = median of {repeats} calls after {warmup} warm-up "
+            f"calls. Machine: {machine['nproc']} CPUs ({machine['cpu']}), jax {machine['jax']}, "
+            f"platform {machine['platform']}; 1-min load average {load[0]:.2f} before, "
+            f"{load[1]:.2f} after."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    hiddens = [int(h) for h in _HIDDENS.value]
+  except ValueError:
+    raise app.UsageError(
+        f"--hiddens: expected comma-separated ints, got {_HIDDENS.value}") from None
+  if _REPEATS.value < 1 or _WARMUP.value < 0:
+    raise app.UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {_REPEATS.value}, "
+                         f"{_WARMUP.value}")
+  cases = [(m, h) for m in _METHODS.value for h in (hiddens if m == "ease" else [None])]
+  load_before = os.getloadavg()[0]
+  results = []
+  for method_name, hidden in cases:
+    result = time_method(method_name, hidden, _BATCH_SIZE.value, _WARMUP.value, _REPEATS.value)
+    sys.stderr.write(f"# {result}\n")
+    results.append(result)
+  table = markdown_table(results, shared.machine_info(), _BATCH_SIZE.value, _WARMUP.value,
+                         _REPEATS.value, (load_before, os.getloadavg()[0]))
+  print(table)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
