@@ -222,6 +222,10 @@ def test_randomness_only_in_training(setup, batch):
     ({"use_ucmi": False}, {"ucmi"}),
     ({"use_ucsa": False}, {"uada", "anchor", "align"}),
     ({"use_mipc": False}, {"cons", "asym", "consist"}),
+    ({"use_uada": False}, {"uada"}),
+    ({"use_anchor": False}, {"anchor"}),
+    ({"use_cons": False}, {"cons"}),
+    ({"use_asym": False}, {"asym"}),
 ])
 def test_terms_finite_reported_and_ablated(overrides, removed, setup, spec, batch):
   config = _config(**overrides)

@@ -67,3 +67,14 @@ def test_robustness_launcher_writes_consistent_results(tmp_path):
               "--config.num_epochs=1", "--config.batch_size=64", "--noplots")
   assert again.returncode == 0, again.stderr[-2000:]
   assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == results["per_seed"]
+
+
+@pytest.mark.parametrize("method,batch_size,learning_rate,num_epochs", [
+    ("euar", 16, 1e-3, 100), ("ease", 64, 1e-5, 200), ("concat", 16, 1e-3, 100)])
+def test_paper_configs_carry_the_papers_settings(method, batch_size, learning_rate, num_epochs):
+  from experiments.configs import default, paper  # pylint: disable=g-import-not-at-top
+  config = paper.get_config(f"{method},synthetic:classification")
+  assert (config.method, config.dataset) == (method, "synthetic:classification")
+  assert (config.batch_size, config.learning_rate, config.num_epochs) == (
+      batch_size, learning_rate, num_epochs)
+  assert config.model == default.get_config(method).model  # model defaults are the papers' weights

@@ -47,7 +47,8 @@ Model (SPEC §6.4; widths are ours, the paper's 768-d backbones are not needed o
   (the full view gets no gradient).
 * **Total** (eq. 13): ``L_task + lambda_1 L_ucmi + lambda_2 L_align + lambda_3 L_consist`` with
   ``0.5, 0.2, 0.5`` and ``beta_1 = 0.02`` (App. A.3). Ablations (Table 4): ``use_ucmi``,
-  ``use_ucsa``, ``use_mipc`` each remove their loss terms (and MIPC its extra forward passes); the
+  ``use_ucsa``, ``use_mipc`` each remove a module's loss terms (MIPC also its extra forward
+  passes); ``use_uada``, ``use_anchor``, ``use_cons``, ``use_asym`` remove a single loss; the
   architecture (completion of missing modalities) is unchanged.
 
 Metrics: ``task`` (+ ``task_bins``), ``ucmi``, ``uada``, ``anchor``, ``align``, ``cons``, ``asym``,
@@ -96,6 +97,11 @@ def default_config() -> ml_collections.ConfigDict:
       use_ucmi=True,
       use_ucsa=True,
       use_mipc=True,
+      # Per-loss ablations of Table 4 (lower half): w/o L_uada, L_anchor, L_cons, L_asym.
+      use_uada=True,
+      use_anchor=True,
+      use_cons=True,
+      use_asym=True,
   ))
 
 
@@ -294,22 +300,26 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
       metrics["ucmi"] = masked_mean(nll, missing)
       total = total + config.lambda_ucmi * metrics["ucmi"]
 
-    if config.use_ucsa:
-      real = (available & valid[:, None]).T  # [M, B]
-      uada = kernel_cs_divergence(
-          z.transpose(1, 0, 2), z_hat.transpose(1, 0, 2), bandwidth=bandwidth,
-          y_uncertainty=jnp.mean(var, -1).T, alpha=config.kernel_alpha, x_where=real,
-          y_where=missing.T)  # [M]
-      metrics["uada"] = masked_mean(uada, real.any(-1) & missing.T.any(-1))
-      anchors = jax.lax.stop_gradient(state)
-      anchor_mean = anchors["mean"][:, classes].transpose(1, 0, 2)  # [B, M, d]
-      anchor_var = anchors["var"][:, classes].transpose(1, 0, 2)
-      anchor = gaussian_cs_divergence(z_hat, var, anchor_mean, anchor_var)  # [B, M]
-      metrics["anchor"] = masked_mean(anchor, missing & anchors["seen"][classes][:, None])
-      metrics["align"] = metrics["uada"] + config.beta_anchor * metrics["anchor"]
+    if config.use_ucsa and (config.use_uada or config.use_anchor):
+      metrics["align"] = 0.0
+      if config.use_uada:
+        real = (available & valid[:, None]).T  # [M, B]
+        uada = kernel_cs_divergence(
+            z.transpose(1, 0, 2), z_hat.transpose(1, 0, 2), bandwidth=bandwidth,
+            y_uncertainty=jnp.mean(var, -1).T, alpha=config.kernel_alpha, x_where=real,
+            y_where=missing.T)  # [M]
+        metrics["uada"] = masked_mean(uada, real.any(-1) & missing.T.any(-1))
+        metrics["align"] = metrics["align"] + metrics["uada"]
+      if config.use_anchor:
+        anchors = jax.lax.stop_gradient(state)
+        anchor_mean = anchors["mean"][:, classes].transpose(1, 0, 2)  # [B, M, d]
+        anchor_var = anchors["var"][:, classes].transpose(1, 0, 2)
+        anchor = gaussian_cs_divergence(z_hat, var, anchor_mean, anchor_var)  # [B, M]
+        metrics["anchor"] = masked_mean(anchor, missing & anchors["seen"][classes][:, None])
+        metrics["align"] = metrics["align"] + config.beta_anchor * metrics["anchor"]
       total = total + config.lambda_align * metrics["align"]
 
-    if config.use_mipc:
+    if config.use_mipc and (config.use_cons or config.use_asym):
       subsets = sample_views(view_key, config.num_views, batch.batch_size, len(spec.modalities))
       view_logits = []
       for v in range(config.num_views):
@@ -318,10 +328,14 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
         view_logits.append(forward(
             params, view, z, jax.random.fold_in(sample_key, v + 1), train)[0])
       view_logits = jnp.stack(view_logits)  # [V, B, C]
-      full_logits, _ = model.apply({"params": params}, z_gt, method="head")
-      metrics["cons"] = predictive_consistency_loss(view_logits, where=valid)
-      metrics["asym"] = anchored_consistency_loss(view_logits, full_logits, where=valid)
-      metrics["consist"] = metrics["cons"] + metrics["asym"]
+      metrics["consist"] = 0.0
+      if config.use_cons:
+        metrics["cons"] = predictive_consistency_loss(view_logits, where=valid)
+        metrics["consist"] = metrics["consist"] + metrics["cons"]
+      if config.use_asym:
+        full_logits, _ = model.apply({"params": params}, z_gt, method="head")
+        metrics["asym"] = anchored_consistency_loss(view_logits, full_logits, where=valid)
+        metrics["consist"] = metrics["consist"] + metrics["asym"]
       total = total + config.lambda_consist * metrics["consist"]
 
     metrics["loss"] = total
