@@ -21,7 +21,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 class ConcatModel(nn.Module):
-  modalities: tuple[str, ...]
   output_dim: int
   hidden: int = 128
   dropout: float = 0.0
@@ -35,7 +34,6 @@ class ConcatModel(nn.Module):
 
 
 class LateFusionModel(nn.Module):
-  modalities: tuple[str, ...]
   output_dim: int
   hidden: int = 128
   dropout: float = 0.0
@@ -43,7 +41,7 @@ class LateFusionModel(nn.Module):
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool):
     outs = []
-    for m, h in zip(self.modalities, encode_modalities(batch, self.hidden)):
+    for m, h in zip(batch.modalities, encode_modalities(batch, self.hidden)):
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
       outs.append(nn.Dense(self.output_dim, name=f"head_{m}")(h))
     weights = batch.present.astype(outs[0].dtype)  # Shape: [B, M]
@@ -54,10 +52,10 @@ class LateFusionModel(nn.Module):
 
 
 def build_concat(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
-  model = ConcatModel(spec.modalities, spec.output_dim, config.hidden, config.dropout)
+  model = ConcatModel(spec.output_dim, config.hidden, config.dropout)
   return flax_method("concat", model, spec)
 
 
 def build_late_fusion(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
-  model = LateFusionModel(spec.modalities, spec.output_dim, config.hidden, config.dropout)
+  model = LateFusionModel(spec.output_dim, config.hidden, config.dropout)
   return flax_method("late_fusion", model, spec)
