@@ -10,7 +10,7 @@ from collections.abc import Callable
 import ml_collections
 
 from mmjax.methods import baselines, ease, euar, samlml
-from mmjax.methods.base import Method, TaskSpec, flax_method, task_loss
+from mmjax.methods.base import Method, Stage, TaskSpec, flax_method, task_loss
 
 # name -> (builder, default model config)
 REGISTRY: dict[str, tuple[Callable[..., Method], Callable[[], ml_collections.ConfigDict]]] = {

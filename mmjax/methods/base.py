@@ -8,6 +8,11 @@ A method is three pure functions bundled in :class:`Method`:
   ``[B]`` scores (regression) or ``[B, C]`` logits (classification);
 * ``predict(params, method_state, batch) -> predictions`` (evaluation mode, no loss terms computed).
 
+A multi-stage method (e.g. EMMR, papers/002: a full-modality network trained first, then frozen)
+also lists its :class:`Stage` s in ``Method.stages``; each stage has its own loss, validation
+predictions and trainable subset, and starts from the previous stage's best parameters (see
+``docs/training.md``). ``Method.predict`` is what the trained model is evaluated with.
+
 The trainer (:mod:`mmjax.train`) never knows which method it runs.
 """
 
@@ -49,13 +54,40 @@ class TaskSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage of a multi-stage method; :func:`mmjax.train.fit` runs them in order.
+
+  Attributes:
+    name: names the stage in log lines, in the ``"stage"`` field of ``metrics.jsonl`` and in the
+      workdir sub-folder ``<workdir>/<name>/`` holding its checkpoints (a plain folder name).
+    loss: same signature as ``Method.loss``; the objective of this stage.
+    predict: validation predictions for this stage's early stopping / model selection; ``None``
+      uses ``Method.predict``.
+    trainable: ``params -> pytree of bools`` with ``params``' structure, ``True`` = updated in this
+      stage; the other leaves leave the stage bit-identical. ``None``: every leaf is trainable.
+    num_epochs: epochs of this stage; ``None`` uses ``config.num_epochs``.
+  """
+
+  name: str
+  loss: Callable[[Params, MethodState, Batch, jax.Array, bool], LossOutput]
+  predict: Callable[[Params, MethodState, Batch], jax.Array] | None = None
+  trainable: Callable[[Params], Any] | None = None
+  num_epochs: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-  """A method as the trainer sees it (see the module docstring)."""
+  """A method as the trainer sees it (see the module docstring).
+
+  ``stages`` empty: one implicit stage training every parameter with ``loss``, selected with
+  ``predict``. Otherwise the trainer runs ``stages`` in order and ``loss`` is not used by it.
+  """
 
   name: str
   init: Callable[[jax.Array, Batch], tuple[Params, MethodState]]
   loss: Callable[[Params, MethodState, Batch, jax.Array, bool], LossOutput]
   predict: Callable[[Params, MethodState, Batch], jax.Array]
+  stages: tuple[Stage, ...] = ()
 
 
 def task_loss(outputs: jax.Array, batch: Batch, spec: TaskSpec) -> jax.Array:

@@ -6,4 +6,4 @@ from mmjax.train.loop import (
     split_metrics)
 from mmjax.train.sharding import data_mesh, put_batch
 from mmjax.train.state import TrainState
-from mmjax.train.steps import compile_steps, make_eval_step, make_train_step
+from mmjax.train.steps import compile_steps, make_eval_step, make_train_step, mask_optimizer

@@ -1,10 +1,11 @@
-"""The method-agnostic epoch loop: train, validate, early-stop, checkpoint, resume.
+"""The method-agnostic epoch loop: train, validate, early-stop, checkpoint, resume; stage by stage.
 
 ``fit(method, dataset, config)`` trains ``method`` on ``dataset.splits["train"]``, evaluates on
 ``"valid"`` after every epoch, keeps the best-validation state (early stopping with ``patience``)
 and returns it. With ``workdir`` it writes ``metrics.jsonl`` (one line per epoch with every loss term)
 and checkpoints; with ``resume=True`` it continues from the latest checkpoint and ends with the same
 parameters as an uninterrupted run (all randomness is a function of the seed, the epoch and the step).
+A method with ``stages`` runs that loop once per stage (see :func:`fit` and ``docs/training.md``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from jax.sharding import Mesh
 
 from mmjax import metrics as metrics_lib
 from mmjax.data import Batch, Dataset, check_batch_size, iterate_batches, num_batches
-from mmjax.methods import Method
+from mmjax.methods import Method, Stage
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.sharding import data_mesh, put_batch, replicated, to_host
 from mmjax.train.state import TrainState
-from mmjax.train.steps import compile_steps
+from mmjax.train.steps import compile_steps, mask_optimizer
 
 # Validation metric used for model selection when config.select_metric == "auto".
 AUTO_SELECT = {"regression": ("mae", "min"), "classification": ("accuracy", "max")}
@@ -114,12 +115,9 @@ def evaluate(method: Method, state: TrainState, split: Batch, task: str, *, batc
 def init_state(method: Method, dataset: Dataset, config: ml_collections.ConfigDict,
                optimizer: optax.GradientTransformation) -> TrainState:
   """Initial parameters from ``fold_in(seed, 0)``; the state's step key is ``fold_in(seed, 1)``."""
-  root = jax.random.PRNGKey(config.seed)
-  example = dataset.splits["train"].take(np.arange(min(2, dataset.splits["train"].batch_size)))
-  params, method_state = method.init(jax.random.fold_in(root, 0), example)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), method_state=method_state,
-                    key=jax.random.fold_in(root, 1))
+  params, method_state = _init_params(method, dataset, config)
+  return _new_state(params, method_state, optimizer,
+                    jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
 
 
 def fit(
@@ -132,81 +130,212 @@ def fit(
     mesh: Mesh | None = None,
     log: Callable[[str], None] = print,
 ) -> FitResult:
-  """Trains ``method`` with early stopping on validation; see the module docstring."""
+  """Trains ``method`` with early stopping on validation, stage after stage (``docs/training.md``).
+
+  A method without ``stages`` is one implicit stage: ``method.loss`` on every parameter, selected
+  with ``method.predict``. Otherwise ``method.stages`` run in order, each one a complete
+  early-stopped run of its own (``config.patience`` and the selection metric, validated with the
+  stage's ``predict``, ``stage.num_epochs`` or ``config.num_epochs`` epochs). Stage 0 starts from
+  ``method.init``; stage ``s > 0`` from the best (selected) params and method state of stage
+  ``s - 1``, with a fresh optimiser state and step 0. Leaves a stage's ``trainable`` marks ``False``
+  get no gradient and no optimiser state and leave the stage bit-identical.
+
+  Randomness: ``root = PRNGKey(seed)``; init uses ``fold_in(root, 0)``. Stage 0 (and the implicit
+  stage) steps with ``fold_in(fold_in(root, 1), step)`` and shuffles epoch ``e`` with
+  ``fold_in(fold_in(root, 2), e)``; stage ``s > 0`` does the same with ``fold_in(root, 2 + s)`` in
+  place of ``root``. So a one-stage method equals its implicit form, and the whole run is a
+  function of the seed.
+
+  ``workdir``: ``metrics.jsonl`` there gets one line per epoch (with a ``"stage"`` field when the
+  method has stages); each stage checkpoints under ``workdir/<stage.name>/checkpoints`` (the
+  implicit stage under ``workdir/checkpoints``). ``resume=True`` restores every finished stage (no
+  retraining) and continues the interrupted one from its latest checkpoint, ending with the same
+  parameters and history as an uninterrupted run; a fresh run refuses a workdir that holds
+  checkpoints.
+
+  Returns:
+    The last stage's best state, ``best_epoch`` and ``best_valid``; the history of every stage.
+  """
   mesh = data_mesh() if mesh is None else mesh
   check_batch_size(config.batch_size, mesh.size)
   metric, mode = _selection(config, dataset.task)
-  optimizer = make_optimizer(config)
-  train_step, eval_step = compile_steps(method, optimizer, mesh)
-  state = jax.device_put(init_state(method, dataset, config, optimizer), replicated(mesh))
-
+  stages = _check_stages(method)
   if resume and workdir is None:
     raise ValueError("resume: needs a workdir to resume from")
-  checkpointer = Checkpointer(workdir) if workdir is not None else None
-  if checkpointer is not None and not resume and checkpointer.latest_epoch() is not None:
-    # orbax silently skips saving steps <= its latest one: a fresh run here would save nothing.
-    epoch = checkpointer.latest_epoch()
-    checkpointer.close()
-    raise ValueError(f"workdir: {workdir} already holds checkpoints up to epoch {epoch}; pass "
-                     "resume=True to continue that run, or use an empty workdir")
+  run = _Run(dataset, config, mesh, metric, mode, resume, log,
+             None if workdir is None else os.path.join(workdir, "metrics.jsonl"))
+  checkpointers = ([] if workdir is None else
+                   [Checkpointer(os.path.join(workdir, stage.name)) for stage in stages])
+  try:
+    for checkpointer, stage in zip(checkpointers, stages):
+      if not resume and checkpointer.latest_epoch() is not None:
+        # orbax silently skips saving steps <= its latest one: a fresh run here would save nothing.
+        raise ValueError(
+            f"workdir: {os.path.join(workdir, stage.name)} already holds checkpoints up to epoch "
+            f"{checkpointer.latest_epoch()}; pass resume=True to continue that run, or use an "
+            "empty workdir")
+    params, method_state = _init_params(method, dataset, config)
+    history = []
+    for index in range(len(stages)):
+      result = _fit_stage(run, method, stages, index, params, method_state,
+                          checkpointers[index] if checkpointers else None, history)
+      history = history + result.history
+      params, method_state = result.state.params, result.state.method_state
+  finally:
+    for checkpointer in checkpointers:
+      checkpointer.close()
+  return dataclasses.replace(result, history=history)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the stages of one :func:`fit` call share."""
+
+  dataset: Dataset
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  metric: str
+  mode: str
+  resume: bool
+  log: Callable[[str], None]
+  jsonl: str | None  # metrics.jsonl, or None without a workdir
+
+
+def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int, params: Any,
+               method_state: Any, checkpointer: Checkpointer | None,
+               earlier: list[dict[str, Any]]) -> FitResult:
+  """Stage ``stages[index]`` from ``(params, method_state)``: the epoch loop with early stopping.
+
+  ``earlier`` is the history of the previous stages (rewritten to ``metrics.jsonl`` together with
+  this stage's restored epochs). Returns this stage's best state and its own history.
+  """
+  config, mesh, stage = run.config, run.mesh, stages[index]
+  method = dataclasses.replace(method, loss=stage.loss, predict=stage.predict or method.predict,
+                               stages=())
+  trainable = _trainable_mask(stage, index, params)
+  optimizer = make_optimizer(config)
+  if trainable is not None:
+    optimizer = mask_optimizer(optimizer, trainable)
+  train_step, eval_step = compile_steps(method, optimizer, mesh, trainable)
+  root = jax.random.PRNGKey(config.seed)
+  if index:
+    root = jax.random.fold_in(root, 2 + index)
+  state = jax.device_put(_new_state(params, method_state, optimizer, jax.random.fold_in(root, 1)),
+                         replicated(mesh))
+  num_epochs = config.num_epochs if stage.num_epochs is None else stage.num_epochs
+  tag = f"[{stage.name}] " if stage.name else ""
+  if stage.name:
+    total = len(jax.tree.leaves(params))
+    count = total if trainable is None else sum(jax.tree.leaves(trainable))
+    run.log(f"{tag}stage {index + 1}/{len(stages)}: {count}/{total} parameter arrays trainable, "
+            f"up to {num_epochs} epochs")
+
   progress = _Bookkeeping()
-  best_state = jax.device_get(state)  # host copy: the step donates the device buffers
-  if resume:
+  # Host copy (the step donates the device buffers); stays the start state if no epoch improves.
+  best_state = jax.device_get(state)
+  if run.resume:
     restored = checkpointer.restore_latest(state)
     if restored is not None:
       state, meta = restored
       progress = _Bookkeeping(**meta)
       best = checkpointer.restore_best(state)
-      best_state = jax.device_get(state if best is None else best[0])
-      log(f"resumed after epoch {progress.epoch} (step {int(state.step)})")
-  if workdir is not None:  # the restored epochs, or none: drops lines of epochs never saved
-    _write_jsonl(os.path.join(workdir, "metrics.jsonl"), progress.history)
+      if best is not None:
+        best_state = jax.device_get(best[0])
+      run.log(f"{tag}resumed after epoch {progress.epoch} (step {int(state.step)})")
+  if run.jsonl is not None:  # the restored epochs, or none: drops lines of epochs never saved
+    _write_jsonl(run.jsonl, earlier + progress.history)
 
-  data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  train = dataset.splits["train"]
+  data_key = jax.random.fold_in(root, 2)
+  train = run.dataset.splits["train"]
   steps = num_batches(train.batch_size, config.batch_size, config.drop_remainder)
-  try:
-    for epoch in range(progress.epoch + 1, config.num_epochs + 1):
-      if config.patience and progress.bad_epochs >= config.patience:
-        break
-      start = time.perf_counter()
-      batches = iterate_batches(train, config.batch_size, key=jax.random.fold_in(data_key, epoch),
-                                drop_remainder=config.drop_remainder, num_devices=mesh.size)
-      sums: dict[str, float] = {}
-      bar = _ProgressBar(steps, f"epoch {epoch}", enabled=config.progress)
-      for batch in batches:
-        state, step_metrics = train_step(state, put_batch(batch, mesh))
-        weight = float(batch.valid.sum())
-        for k, v in jax.device_get(step_metrics).items():
-          sums[k] = sums.get(k, 0.0) + weight * float(v)
-        sums["_n"] = sums.get("_n", 0.0) + weight
-        bar.update()
-      bar.close()
-      n = sums.pop("_n")
-      train_terms = {k: v / n for k, v in sums.items()}
-      valid = evaluate(method, state, dataset.splits["valid"], dataset.task,
-                       batch_size=config.eval_batch_size, mesh=mesh, eval_step=eval_step)
-      improved = _better(valid[metric], progress.best_value, mode)
-      if improved:
-        progress.best_value, progress.best_epoch, progress.bad_epochs = valid[metric], epoch, 0
-        best_state = jax.device_get(state)
-      else:
-        progress.bad_epochs += 1
-      record = {"epoch": epoch, "step": int(state.step), "seconds": time.perf_counter() - start,
-                **{f"train/{k}": v for k, v in train_terms.items()},
-                **{f"valid/{k}": v for k, v in valid.items()}}
-      progress.epoch = epoch
-      progress.history.append(record)
-      log(_epoch_line(record, metric, improved))
-      if workdir is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
-        checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved)
-        _write_jsonl(os.path.join(workdir, "metrics.jsonl"), [record], mode="a")
-  finally:
-    if checkpointer is not None:
-      checkpointer.close()
+  for epoch in range(progress.epoch + 1, num_epochs + 1):
+    if config.patience and progress.bad_epochs >= config.patience:
+      break
+    start = time.perf_counter()
+    batches = iterate_batches(train, config.batch_size, key=jax.random.fold_in(data_key, epoch),
+                              drop_remainder=config.drop_remainder, num_devices=mesh.size)
+    bar = _ProgressBar(steps, f"{tag}epoch {epoch}", enabled=config.progress)
+    state, train_terms = _train_epoch(train_step, state, batches, mesh, bar)
+    valid = evaluate(method, state, run.dataset.splits["valid"], run.dataset.task,
+                     batch_size=config.eval_batch_size, mesh=mesh, eval_step=eval_step)
+    improved = _better(valid[run.metric], progress.best_value, run.mode)
+    if improved:
+      progress.best_value, progress.best_epoch, progress.bad_epochs = valid[run.metric], epoch, 0
+      best_state = jax.device_get(state)
+    else:
+      progress.bad_epochs += 1
+    record = {**({"stage": stage.name} if stage.name else {}),
+              "epoch": epoch, "step": int(state.step), "seconds": time.perf_counter() - start,
+              **{f"train/{k}": v for k, v in train_terms.items()},
+              **{f"valid/{k}": v for k, v in valid.items()}}
+    progress.epoch = epoch
+    progress.history.append(record)
+    run.log(tag + _epoch_line(record, run.metric, improved))
+    if checkpointer is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
+      checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved)
+      _write_jsonl(run.jsonl, [record], mode="a")
   best_valid = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
   return FitResult(state=best_state, history=progress.history, best_epoch=progress.best_epoch,
                    best_valid={k[6:]: v for k, v in best_valid.items() if k.startswith("valid/")})
+
+
+def _train_epoch(train_step: Callable[..., Any], state: TrainState, batches: Any, mesh: Mesh,
+                 bar: _ProgressBar) -> tuple[TrainState, dict[str, float]]:
+  """``train_step`` over ``batches``; every metric averaged over the valid samples of the epoch."""
+  sums: dict[str, float] = {}
+  for batch in batches:
+    state, step_metrics = train_step(state, put_batch(batch, mesh))
+    weight = float(batch.valid.sum())
+    for k, v in jax.device_get(step_metrics).items():
+      sums[k] = sums.get(k, 0.0) + weight * float(v)
+    sums["_n"] = sums.get("_n", 0.0) + weight
+    bar.update()
+  bar.close()
+  n = sums.pop("_n")
+  return state, {k: v / n for k, v in sums.items()}
+
+
+def _init_params(method: Method, dataset: Dataset, config: ml_collections.ConfigDict):
+  """``method.init(fold_in(PRNGKey(seed), 0), two training samples)``."""
+  example = dataset.splits["train"].take(np.arange(min(2, dataset.splits["train"].batch_size)))
+  return method.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), example)
+
+
+def _new_state(params: Any, method_state: Any, optimizer: optax.GradientTransformation,
+               key: jax.Array) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    method_state=method_state, key=key)
+
+
+def _check_stages(method: Method) -> tuple[Stage, ...]:
+  """``method.stages`` validated, or the implicit stage (name ``""``: no tag, workdir itself)."""
+  if not method.stages:
+    return (Stage(name="", loss=method.loss, predict=method.predict),)
+  names = [stage.name for stage in method.stages]
+  for i, stage in enumerate(method.stages):
+    if (not isinstance(stage.name, str) or stage.name in ("", ".", "..")
+        or os.sep in stage.name or "/" in stage.name):
+      raise ValueError(f"stages[{i}].name: expected a plain folder name, got {stage.name!r}")
+    if stage.name in names[:i]:
+      raise ValueError(f"stages[{i}].name: {stage.name!r} used twice")
+    if stage.num_epochs is not None and (not isinstance(stage.num_epochs, int)
+                                         or stage.num_epochs < 1):
+      raise ValueError(f"stages[{i}].num_epochs: expected a positive int or None, "
+                       f"got {stage.num_epochs!r}")
+  return method.stages
+
+
+def _trainable_mask(stage: Stage, index: int, params: Any) -> Any:
+  """``stage.trainable(params)``, checked: bools with ``params``' structure. ``None`` if unset."""
+  if stage.trainable is None:
+    return None
+  mask = stage.trainable(params)
+  if jax.tree.structure(mask) != jax.tree.structure(params):
+    raise ValueError(f"stages[{index}].trainable: expected a pytree with the structure of the "
+                     f"params, {jax.tree.structure(params)}; got {jax.tree.structure(mask)}")
+  if not all(isinstance(t, (bool, np.bool_)) for t in jax.tree.leaves(mask)):
+    raise ValueError(f"stages[{index}].trainable: expected Python bools as leaves")
+  return jax.tree.map(bool, mask)
 
 
 @dataclasses.dataclass

@@ -15,27 +15,50 @@ from mmjax.train.sharding import batch_sharding, replicated
 from mmjax.train.state import TrainState
 
 
-def make_train_step(method: Method, optimizer: optax.GradientTransformation):
+def make_train_step(method: Method, optimizer: optax.GradientTransformation,
+                    trainable: Any = None):
   """``train_step(state, batch) -> (state, metrics)``: one ``value_and_grad`` + optimiser update.
 
   The step's randomness is ``fold_in(state.key, state.step)``, so a resumed run draws the same
   numbers as an uninterrupted one. ``metrics`` holds every loss term of the method and the
   gradient norm.
+
+  ``trainable`` (a pytree of Python bools with the structure of ``state.params``; ``None`` = all
+  ``True``) freezes the ``False`` leaves: the loss sees them through ``stop_gradient`` (so no
+  gradient is computed for them; their gradient is zero), and they are carried over unchanged, so
+  they come out bit-identical whatever ``optimizer`` does. ``optimizer`` should leave them out of
+  its state and statistics (``fit`` uses :func:`mask_optimizer`).
   """
+
+  def loss_fn(params, method_state, batch, key):
+    if trainable is not None:
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    return method.loss(params, method_state, batch, key, True)
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(state.key, state.step)
-    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-    (_, (metrics, method_state, _)), grads = grad_fn(
-        state.params, state.method_state, batch, key, True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (metrics, method_state, _)), grads = grad_fn(state.params, state.method_state, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if trainable is not None:
+      params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               method_state=method_state)
     return new_state, metrics
 
   return train_step
+
+
+def mask_optimizer(optimizer: optax.GradientTransformation,
+                   trainable: Any) -> optax.GradientTransformation:
+  """``optimizer`` on the ``True`` leaves of ``trainable``; zero updates and no state elsewhere.
+
+  Frozen leaves get no Adam moments and no weight decay, and do not enter gradient clipping.
+  """
+  labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+  return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def make_eval_step(method: Method):
@@ -47,11 +70,14 @@ def make_eval_step(method: Method):
   return eval_step
 
 
-def compile_steps(method: Method, optimizer: optax.GradientTransformation,
-                  mesh: Mesh) -> tuple[Callable[..., Any], Callable[..., Any]]:
-  """Jitted steps over ``mesh``: batch sharded on ``'data'``, state replicated and donated."""
+def compile_steps(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh,
+                  trainable: Any = None) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """Jitted steps over ``mesh``: batch sharded on ``'data'``, state replicated and donated.
+
+  ``trainable``: see :func:`make_train_step`.
+  """
   data, repl = batch_sharding(mesh), replicated(mesh)
-  train_step = jax.jit(make_train_step(method, optimizer), in_shardings=(repl, data),
+  train_step = jax.jit(make_train_step(method, optimizer, trainable), in_shardings=(repl, data),
                        out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(method), in_shardings=(repl, data), out_shardings=data)
   return train_step, eval_step
