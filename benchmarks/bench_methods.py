@@ -1,20 +1,23 @@
-"""Speed and size of EASE's jitted train / eval step at MOSI shapes (one CPU device).
+"""Speed and size of any method's jitted train / eval step at MOSI shapes (one CPU device).
 
-Each case builds ``--methods`` from ``mmjax.experiment.get_config`` (EASE with ``hidden`` from
-``--hiddens``, its other defaults unchanged; other methods at their defaults for reference), one
-random MOSI-shaped regression batch (:func:`bench_train_step.make_dataset`: text ``[B, 50, 768]``,
-audio ``[B, 50, 74]``, vision ``[B, 50, 47]``) and times the steps of
+Each ``--case=<method>[:<field>=<value>,...]`` builds the method from
+``mmjax.experiment.get_config`` with those model fields overridden (values parsed as Python
+literals), one random MOSI-shaped regression batch (:func:`bench_train_step.make_dataset`: text
+``[B, 50, 768]``, audio ``[B, 50, 74]``, vision ``[B, 50, 47]``) and times the steps of
 :func:`mmjax.train.compile_steps` like ``bench_train_step.py`` does: "first call" = trace +
 compile + one run, "ms/step" = median of ``--repeats`` calls after ``--warmup`` warm-up calls, each
 blocked on; the train step is fed the state it returned. "params" counts the trainable parameters
-(not the optimizer state, not EASE's anchors).
+(not the optimizer state, not method state such as EASE's anchors).
 
-  python benchmarks/bench_ease.py                        # B = 64; EASE d = 32, 128; concat, euar
-  python benchmarks/bench_ease.py --hiddens=32 --methods=ease --output=/tmp/ease_perf.md
+  python benchmarks/bench_methods.py --case=ease:hidden=32 --case=ease:hidden=128 --case=concat \
+      --case=euar                                                    # EASE, B = 64
+  python benchmarks/bench_methods.py --batch_size=48 --case=samlml \
+      --case=samlml:supervise_intra=False,supervise_inter=False     # SAM-LML with / without supervision
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 import time
@@ -26,8 +29,9 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train_step as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_METHODS = flags.DEFINE_list("methods", ["ease", "concat", "euar"], "Methods to time.")
-_HIDDENS = flags.DEFINE_list("hiddens", ["32", "128"], "EASE widths d (other methods: defaults).")
+_CASES = flags.DEFINE_multi_string(
+    "case", ["ease:hidden=32", "ease:hidden=128", "concat", "euar"],
+    "<method>[:<model field>=<value>,...]; repeat the flag for several cases.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size B.", lower_bound=1)
 # --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
 # flags (--devices, --experts, ...) are ignored here.
@@ -35,16 +39,30 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size B.", lower_boun
 _REPEATS, _WARMUP, _OUTPUT = shared._REPEATS, shared._WARMUP, shared._OUTPUT
 
 
-def time_method(method_name: str, hidden: int | None, batch_size: int, warmup: int,
-                repeats: int) -> dict[str, Any]:
-  """Builds the method (EASE at width ``hidden``) and times its train and eval steps."""
+def parse_case(case: str) -> tuple[str, dict[str, Any]]:
+  """``"samlml:hidden=64,use_mix=False"`` -> ``("samlml", {"hidden": 64, "use_mix": False})``."""
+  method, _, fields = case.partition(":")
+  overrides = {}
+  for item in filter(None, fields.split(",")):
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--case: expected <field>=<value>, got {item!r} in {case!r}")
+    try:
+      overrides[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[name] = value
+  return method, overrides
+
+
+def time_method(case: str, batch_size: int, warmup: int, repeats: int) -> dict[str, Any]:
+  """Builds the method of ``case`` (see :func:`parse_case`) and times its train and eval steps."""
   import jax  # pylint: disable=g-import-not-at-top
   from mmjax import experiment, train  # pylint: disable=g-import-not-at-top
   from mmjax.train.sharding import replicated  # pylint: disable=g-import-not-at-top
+  method_name, overrides = parse_case(case)
   config = experiment.get_config(method_name)
   config.batch_size = batch_size
-  if hidden is not None:
-    config.model.hidden = hidden
+  config.model.update(overrides)
   dataset = shared.make_dataset(batch_size)
   method = experiment.build_method(config, dataset)
   optimizer = train.make_optimizer(config)
@@ -57,18 +75,18 @@ def time_method(method_name: str, hidden: int | None, batch_size: int, warmup: i
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
   _, eval_first, eval_s = shared.time_calls(  # pylint: disable=protected-access
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
-  return dict(method=method_name, hidden=config.model.get("hidden"), params=params,
+  return dict(case=case, hidden=config.model.get("hidden"), params=params,
               train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,
               eval_step_s=eval_s)
 
 
 def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], batch_size: int,
                    warmup: int, repeats: int, load: tuple[float, float]) -> str:
-  lines = ["| method | hidden | params | train first call s | train ms/step | eval first call s "
+  lines = ["| case | hidden | params | train first call s | train ms/step | eval first call s "
            "| eval ms/step |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in results:
-    lines.append(f"| {r['method']} | {r['hidden']} | {r['params']:,} | {r['train_first_s']:.2f} "
+    lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['train_first_s']:.2f} "
                  f"| {1e3 * r['train_step_s']:.1f} | {r['eval_first_s']:.2f} "
                  f"| {1e3 * r['eval_step_s']:.1f} |")
   dims = shared.FEATURE_DIMS
@@ -84,19 +102,13 @@ def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], b
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    hiddens = [int(h) for h in _HIDDENS.value]
-  except ValueError:
-    raise app.UsageError(
-        f"--hiddens: expected comma-separated ints, got {_HIDDENS.value}") from None
   if _REPEATS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {_REPEATS.value}, "
                          f"{_WARMUP.value}")
-  cases = [(m, h) for m in _METHODS.value for h in (hiddens if m == "ease" else [None])]
   load_before = os.getloadavg()[0]
   results = []
-  for method_name, hidden in cases:
-    result = time_method(method_name, hidden, _BATCH_SIZE.value, _WARMUP.value, _REPEATS.value)
+  for case in _CASES.value:
+    result = time_method(case, _BATCH_SIZE.value, _WARMUP.value, _REPEATS.value)
     sys.stderr.write(f"# {result}\n")
     results.append(result)
   table = markdown_table(results, shared.machine_info(), _BATCH_SIZE.value, _WARMUP.value,

@@ -5,8 +5,13 @@
 Writes ``results.json`` (every metric, every seed), ``results.md`` (mean ± std over seeds) and one
 PNG curve per protocol under ``--workdir``; prints the Markdown table. A seed whose training finished
 earlier in the same workdir is not retrained: its best checkpoint is loaded (``--resume`` semantics).
+
+``--matched=missing_rate,mix`` adds SAM-LML's protocol (App. A.5): per level one more model, trained
+and validated on data corrupted at that level (``<workdir>/<method>/seed<s>/matched_<protocol>/<level>``),
+reported as protocol ``matched_<protocol>``.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -27,6 +32,9 @@ _PROTOCOLS = flags.DEFINE_list(
     "Protocols to sweep (see mmjax.robustness).")
 _NOISE_MODALITIES = flags.DEFINE_list(
     "noise_modalities", [], "Modalities the noise protocols corrupt (default: all).")
+_MATCHED = flags.DEFINE_list(
+    "matched", [],
+    "Protocols also run the SAM-LML way: one model per level, trained and validated at that level.")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG robustness curves (needs matplotlib).")
 
 
@@ -45,10 +53,19 @@ def _prepare(base):
     unknown = sorted(set(noise) - set(dataset.modalities))
     if unknown:
       raise ValueError(f"--noise_modalities: unknown {unknown}; the data has {list(dataset.modalities)}")
-  chosen = robustness.select(_PROTOCOLS.value, robustness.protocols(dataset.modalities, noise))
+  available = robustness.protocols(dataset.modalities, noise)
+  chosen = robustness.select(_PROTOCOLS.value, available)
+  matched = robustness.select(_MATCHED.value, available)
+  tuple_levels = [p.name for p in matched if isinstance(p.levels[0], tuple)]
+  if tuple_levels:
+    raise ValueError(f"--matched: {tuple_levels} have no numeric levels to train at")
   for name, config in configs.items():
     experiment.build_method(config, dataset)  # model config errors surface now
-  return dataset, chosen, configs
+  return dataset, chosen, matched, configs
+
+
+def _predictor(method, state, config):
+  return lambda split: predict(method, state, split, batch_size=config.eval_batch_size)
 
 
 def main(argv):
@@ -56,7 +73,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
   base = _CONFIG.value
-  dataset, chosen, configs = experiment.exit_on_bad_input(_prepare)(base)
+  dataset, chosen, matched, configs = experiment.exit_on_bad_input(_prepare)(base)
   per_method = {}
   for name, config in configs.items():
     runs = []
@@ -65,10 +82,20 @@ def main(argv):
       workdir = os.path.join(_WORKDIR.value, name, f"seed{seed}")
       method, _, result = experiment.train(config, workdir, resume=True, dataset=dataset,
                                            log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
-      predict_fn = lambda split, m=method, st=result.state: predict(
-          m, st, split, batch_size=config.eval_batch_size)
-      runs.append(robustness.sweep(predict_fn, dataset.splits["test"], dataset.task, chosen,
-                                   jax.random.PRNGKey(1000 + seed), split_metrics))
+      key = jax.random.PRNGKey(1000 + seed)
+      run = robustness.sweep(_predictor(method, result.state, config), dataset.splits["test"],
+                             dataset.task, chosen, key, split_metrics)
+      for protocol in matched:
+        def fit_level(level, data, protocol=protocol, method=method, name=name, seed=seed):
+          level_dir = os.path.join(workdir, f"matched_{protocol.name}", robustness.level_name(level))
+          trained = robustness.matched_training(method, protocol, level)
+          _, _, fitted = experiment.train(
+              config, level_dir, resume=True, dataset=data, method=trained,
+              log=lambda line: print(f"[{name} s{seed} {protocol.name}={level}] {line}"))
+          return _predictor(trained, fitted.state, config)
+        run[f"matched_{protocol.name}"] = robustness.matched_sweep(
+            fit_level, dataset, protocol, key, split_metrics)
+      runs.append(run)
     per_method[name] = runs
   summary = {name: robustness.aggregate(runs) for name, runs in per_method.items()}
   os.makedirs(_WORKDIR.value, exist_ok=True)
@@ -80,7 +107,8 @@ def main(argv):
     f.write(f"# Robustness on {dataset.name} ({_SEEDS.value} seeds, mean ± std)\n\n{table}")
   print(table)
   if _PLOTS.value:
-    paths = robustness.plot_curves(summary, chosen, dataset.task, _WORKDIR.value)
+    curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}") for p in matched]
+    paths = robustness.plot_curves(summary, curves, dataset.task, _WORKDIR.value)
     print("curves: " + ", ".join(paths))
 
 

@@ -22,13 +22,16 @@ def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collectio
 
   Fields beyond :func:`mmjax.train.default_train_config`: ``method``, ``dataset`` (a
   :func:`mmjax.data.load_dataset` spec), ``data_seed`` (synthetic data / split seed),
-  ``standardize`` (per-feature z-scoring fitted on train), ``model`` (the method's hyper-parameters).
+  ``standardize`` (per-feature z-scoring fitted on train), ``task`` (``"auto"``, or the task the
+  data must have: ``"regression"`` / ``"classification"``), ``model`` (the method's
+  hyper-parameters).
   """
   config = default_train_config()
   config.method = method
   config.dataset = dataset
   config.data_seed = 0
   config.standardize = True
+  config.task = "auto"
   config.model = methods.default_model_config(method)
   return config
 
@@ -42,6 +45,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for field in ("patience", "weight_decay", "grad_clip_norm"):
     if config[field] < 0:
       raise ValueError(f"config.{field}: must be >= 0, got {config[field]!r}")
+  if config.task not in ("auto", "regression", "classification"):
+    raise ValueError(f"config.task: expected 'auto', 'regression' or 'classification', "
+                     f"got {config.task!r}")
   methods.default_model_config(config.method)  # unknown method -> ValueError listing the known ones
 
 
@@ -72,6 +78,9 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   source = config.dataset.partition(":")[0]
   kwargs = {"seed": config.data_seed} if source in ("synthetic", "multiview") else {}
   dataset = data_lib.load_dataset(config.dataset, **kwargs)
+  if config.task not in ("auto", dataset.task):
+    raise ValueError(f"config.task: the config expects a {config.task} dataset, but "
+                     f"{config.dataset!r} is {dataset.task}")
   return data_lib.standardize(dataset) if config.standardize else dataset
 
 
@@ -80,14 +89,16 @@ def build_method(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | None, *, resume: bool = False,
-          dataset: data_lib.Dataset | None = None, log=print
-          ) -> tuple[methods.Method, data_lib.Dataset, FitResult]:
-  """Loads data (unless given), builds the method, trains; writes ``config.json`` to ``workdir``."""
+          dataset: data_lib.Dataset | None = None, method: methods.Method | None = None,
+          log=print) -> tuple[methods.Method, data_lib.Dataset, FitResult]:
+  """Trains ``method`` (default: built from ``config``) on ``dataset`` (default: loaded from
+  ``config``); writes ``config.json`` to ``workdir``."""
   if dataset is None:
-    dataset, method = prepare(config)
+    dataset, built = prepare(config)
   else:
     check_config(config)
-    method = build_method(config, dataset)
+    built = build_method(config, dataset) if method is None else None
+  method = built if method is None else method
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

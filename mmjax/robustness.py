@@ -2,20 +2,27 @@
 
 A :class:`Protocol` is one corruption function of :mod:`mmjax.data` and the levels the papers sweep:
 
-=================  =========================================  ==============================
-protocol           levels (default)                           source
-=================  =========================================  ==============================
-``missing_rate``   ``drop_modalities`` MR 0.0 ... 0.7         SAM-LML eq. 34, App. A.5
-``fixed_subsets``  ``keep_modalities``: the 2^M - 1 subsets   EUAR Table 2, EASE Table 3
-``drop_one``       ``drop_one_modality`` ratio 0.0 ... 0.5    EMMR Table 1
-``time_mask``      ``mask_time_steps`` rate 0.0 ... 0.9       EASE §4.3
-``gaussian``       ``gaussian_noise`` variance 0 ... 4        EUAR Table 3
-``salt_pepper``    ``salt_pepper_noise`` amount 0 ... 0.4     EUAR Table 3
-``mix``            ``mix_noise`` NR 0.0 ... 0.7               SAM-LML eq. 35
-=================  =========================================  ==============================
+===================  ========================================  ==========================
+protocol             levels (default)                          source
+===================  ========================================  ==========================
+``missing_rate``     ``drop_modalities`` MR 0.0 ... 0.7        SAM-LML eq. 34, App. A.5
+``fixed_subsets``    ``keep_modalities``: the 2^M - 1 subsets  EUAR Table 2, EASE Table 3
+``drop_one``         ``drop_one_modality`` ratio 0.0 ... 0.5   EMMR Table 1
+``time_mask``        ``mask_time_steps`` rate 0.0 ... 0.9      EASE §4.3
+``gaussian``         ``gaussian_noise`` variance 0 ... 4       EUAR Table 3
+``salt_pepper``      ``salt_pepper_noise`` amount 0 ... 0.4    EUAR Table 3
+``mix``              ``mix_noise`` NR 0.0 ... 0.7              SAM-LML eq. 35
+``laplace_erasing``  ``laplace_or_erasing`` NR 0.0 ... 0.7     SAM-LML App. A.14
+===================  ========================================  ==========================
 
 Corruption is applied to the (standardised) test features with a key derived from the seed, the
 protocol and the level, so every method sees the same corrupted samples for a given seed.
+
+:func:`sweep` corrupts only the test split of a model trained on clean data. :func:`matched_sweep`
+is SAM-LML's protocol (App. A.5: "the same missing rate configuration is applied across the
+training, validation, and test phases"): one model per level, trained with every training batch
+corrupted at that level (:func:`matched_training`, a fresh key per step) and selected on a
+validation split corrupted at that level, then tested at that level.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax
 import numpy as np
 
 from mmjax import data as data_lib
+from mmjax.methods import Method
 
 NOISE_VARIANCES = (0.0, 0.5, 1.0, 2.0, 4.0)
 SALT_PEPPER_AMOUNTS = (0.0, 0.05, 0.1, 0.2, 0.4)
@@ -69,6 +77,8 @@ def protocols(modalities: Sequence[str], noise_modalities: Sequence[str] | None 
       Protocol("salt_pepper", SALT_PEPPER_AMOUNTS,
                lambda key, b, a: data_lib.salt_pepper_noise(key, b, a, noisy), "corrupted fraction"),
       Protocol("mix", RATES_07, lambda key, b, r: data_lib.mix_noise(key, b, r, noisy), "noise rate"),
+      Protocol("laplace_erasing", RATES_07,
+               lambda key, b, r: data_lib.laplace_or_erasing(key, b, r, noisy), "noise rate"),
   ]
   return {p.name: p for p in table}
 
@@ -104,18 +114,78 @@ def sweep(
   labels = np.asarray(split.label)
   results: dict[str, dict[str, dict[str, float]]] = {}
   for protocol in chosen:
-    results[protocol.name] = {}
-    for level in protocol.levels:
-      name = level_name(level)
-      level_key = jax.random.fold_in(jax.random.fold_in(key, _stable_hash(protocol.name)),
-                                     _stable_hash(name))
-      corrupted = jax.tree.map(np.asarray, protocol.apply(level_key, split, level))
-      results[protocol.name][name] = metrics_fn(predict_fn(corrupted), labels, task)
-    if not isinstance(protocol.levels[0], tuple):  # EASE Table 1 reports the average over rates
-      levels = [results[protocol.name][level_name(level)] for level in protocol.levels]
-      results[protocol.name][MEAN_LEVEL] = {m: float(np.mean([r[m] for r in levels]))
-                                            for m in levels[0]}
+    results[protocol.name] = {
+        level_name(level): metrics_fn(predict_fn(corrupt(split, protocol, level, key)), labels,
+                                      task)
+        for level in protocol.levels}
+    _add_mean(results[protocol.name], protocol)
   return results
+
+
+def corrupt(split: data_lib.Batch, protocol: Protocol, level: Any, key: jax.Array,
+            purpose: str = "test") -> data_lib.Batch:
+  """``split`` corrupted by ``protocol`` at ``level``, with a key from ``key``, the protocol, the
+  level and ``purpose`` (``"test"`` is the key :func:`sweep` uses)."""
+  name = protocol.name if purpose == "test" else f"{purpose}/{protocol.name}"
+  level_key = jax.random.fold_in(jax.random.fold_in(key, _stable_hash(name)),
+                                 _stable_hash(level_name(level)))
+  return jax.tree.map(np.asarray, protocol.apply(level_key, split, level))
+
+
+def matched_training(method: Method, protocol: Protocol, level: Any) -> Method:
+  """``method`` whose training losses (every stage's) see each batch corrupted by ``protocol`` at
+  ``level``, with a key split from the step key; evaluation (``predict``, ``train=False``) is
+  unchanged."""
+
+  def wrap(loss):
+    def corrupted_loss(params, state, batch, key, train):
+      if train:
+        key, corrupt_key = jax.random.split(key)
+        batch = protocol.apply(corrupt_key, batch, level)
+      return loss(params, state, batch, key, train)
+    return corrupted_loss
+
+  return dataclasses.replace(
+      method, loss=wrap(method.loss),
+      stages=tuple(dataclasses.replace(stage, loss=wrap(stage.loss)) for stage in method.stages))
+
+
+def matched_sweep(
+    fit_level: Callable[[Any, data_lib.Dataset], Callable[[data_lib.Batch], np.ndarray]],
+    dataset: data_lib.Dataset,
+    protocol: Protocol,
+    key: jax.Array,
+    metrics_fn: Callable[[np.ndarray, np.ndarray, str], dict[str, float]],
+) -> dict[str, dict[str, float]]:
+  """``{level: metrics}`` (+ ``"mean"``) of SAM-LML's train = valid = test protocol.
+
+  Args:
+    fit_level: ``fit_level(level, dataset) -> predict_fn`` trains on ``dataset`` (whose valid split
+      is already corrupted at ``level``) with :func:`matched_training` and returns its predictor.
+    dataset: the clean dataset.
+    protocol: a numeric protocol.
+    key: the seed's key; the test corruption equals :func:`sweep`'s for the same key.
+    metrics_fn: ``(predictions, labels, task) -> metrics``.
+  """
+  if isinstance(protocol.levels[0], tuple):
+    raise ValueError(f"--matched: {protocol.name!r} has no numeric levels to train at")
+  test = dataset.splits["test"]
+  results = {}
+  for level in protocol.levels:
+    valid = corrupt(dataset.splits["valid"], protocol, level, key, purpose="valid")
+    predict_fn = fit_level(level, dataclasses.replace(
+        dataset, splits={**dataset.splits, "valid": valid}))
+    results[level_name(level)] = metrics_fn(
+        predict_fn(corrupt(test, protocol, level, key)), np.asarray(test.label), dataset.task)
+  _add_mean(results, protocol)
+  return results
+
+
+def _add_mean(results: dict[str, dict[str, float]], protocol: Protocol) -> None:
+  """Adds the ``"mean"`` pseudo-level to a numeric sweep (EASE Table 1 averages over rates)."""
+  if not isinstance(protocol.levels[0], tuple):
+    levels = [results[level_name(level)] for level in protocol.levels]
+    results[MEAN_LEVEL] = {m: float(np.mean([r[m] for r in levels])) for m in levels[0]}
 
 
 def aggregate(per_seed: list[dict[str, dict[str, dict[str, float]]]]

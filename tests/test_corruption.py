@@ -74,10 +74,11 @@ CASES = {
     "mix_noise": (corruption.mix_noise, 0.3, {}),
     "laplace_noise": (corruption.laplace_noise, 0.7, {"modalities": ("text",)}),
     "random_erasing": (corruption.random_erasing, 0.3, {}),
+    "laplace_or_erasing": (corruption.laplace_or_erasing, 0.4, {"modalities": ("audio", "text")}),
 }
 RANDOM = [name for name in CASES if name != "keep_modalities"]
 VALUE_LEVEL = ["mask_time_steps", "gaussian_noise", "salt_pepper_noise", "mix_noise",
-               "laplace_noise", "random_erasing"]
+               "laplace_noise", "random_erasing", "laplace_or_erasing"]
 
 
 def apply(name: str, key, batch: Batch, strength=None, *, jit: bool = False) -> Batch:
@@ -316,6 +317,39 @@ def test_mix_noise_formula(rate):
     eps = np.asarray(jax.random.normal(jax.random.fold_in(KEY, i), x.shape, jnp.float32))
     expected = np.where(observed(batch, i)[..., None], (1 - rate) * x + rate * eps, x)
     np.testing.assert_allclose(np.asarray(out.features[m]), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.6])
+def test_laplace_or_erasing_per_sample(rate):
+  """One noise type per sample (equal odds, shared by its modalities): erased samples keep or zero
+  each entry (fraction ``rate``); the others are ``(1 − NR) x + NR ε`` with ``ε`` of unit
+  variance and Laplace's ``E|ε| = 1/√2`` (a Gaussian would give ``√(2/π) ≈ 0.80``)."""
+  batch = messy_batch(b=4000)
+  out = corruption.laplace_or_erasing(KEY, batch, rate)
+  kinds = []  # per sample and modality: True = Laplace
+  erased_hits = erased_total = 0
+  residuals = []
+  for i, m in enumerate(MODS):
+    obs = observed(batch, i)[..., None] & np.ones(batch.features[m].shape, bool)
+    x, y = np.asarray(batch.features[m]), np.asarray(out.features[m])
+    np.testing.assert_array_equal(y[~obs], x[~obs])
+    untouched_or_zero = np.where(obs, (y == x) | (y == 0), True).all(axis=(1, 2))
+    kinds.append(~untouched_or_zero)
+    erased = obs & untouched_or_zero[:, None, None]
+    erased_hits += ((y == 0) & (x != 0) & erased).sum()
+    erased_total += erased.sum()
+    laplace = obs & ~untouched_or_zero[:, None, None]
+    residuals.append(((y - (1 - rate) * x) / rate)[laplace])
+  has_any = np.stack([observed(batch, i).any(-1) for i in range(len(MODS))], -1)  # [B, M]
+  kinds = np.stack(kinds, -1)
+  # One type per sample: over its observed modalities, all Laplace or all erasing.
+  assert np.all((kinds | ~has_any).all(-1) | (~kinds | ~has_any).all(-1))
+  share = kinds[has_any.any(-1)].any(-1).mean()
+  assert abs(share - 0.5) < 4.5 * math.sqrt(0.25 / has_any.any(-1).sum())
+  assert abs(erased_hits / erased_total - rate) < 4.5 * math.sqrt(rate * (1 - rate) / erased_total)
+  eps = np.concatenate(residuals)
+  assert abs(eps.var() - 1) < 4.5 * math.sqrt(5 / eps.size)
+  assert abs(np.abs(eps).mean() - 1 / math.sqrt(2)) < 4.5 * math.sqrt(0.5 / eps.size)
 
 
 def test_per_modality_noise_does_not_depend_on_the_listed_set():

@@ -70,7 +70,8 @@ def test_robustness_launcher_writes_consistent_results(tmp_path):
 
 
 @pytest.mark.parametrize("method,batch_size,learning_rate,num_epochs", [
-    ("euar", 16, 1e-3, 100), ("ease", 64, 1e-5, 200), ("concat", 16, 1e-3, 100)])
+    ("euar", 16, 1e-3, 100), ("ease", 64, 1e-5, 200), ("concat", 16, 1e-3, 100),
+    ("samlml", 48, 1e-5, 100)])
 def test_paper_configs_carry_the_papers_settings(method, batch_size, learning_rate, num_epochs):
   from experiments.configs import default, paper  # pylint: disable=g-import-not-at-top
   config = paper.get_config(f"{method},synthetic:classification")
@@ -78,3 +79,24 @@ def test_paper_configs_carry_the_papers_settings(method, batch_size, learning_ra
   assert (config.batch_size, config.learning_rate, config.num_epochs) == (
       batch_size, learning_rate, num_epochs)
   assert config.model == default.get_config(method).model  # model defaults are the papers' weights
+
+
+@pytest.mark.parametrize("column, task, batch_size, learning_rate, model", [
+    ("mosei", "regression", 64, 1e-5, dict(hidden=180, alpha_p=0.1, alpha_de=0.5, gamma1=1.0)),
+    ("urfunny", "classification", 64, 1e-6,
+     dict(hidden=150, rho=6, gamma1=0.3, alpha_p=1e-5, alpha_mix=0.1, alpha_c=1e-5)),
+    ("mustard", "classification", 48, 5e-6,
+     dict(hidden=48, rho=7, gamma=1.0, gamma1=0.8, alpha=1e-4, alpha_mix=1e-5, alpha_c=0.05)),
+])
+def test_samlml_table7_columns(column, task, batch_size, learning_rate, model):
+  from experiments.configs import paper  # pylint: disable=g-import-not-at-top
+  from mmjax import experiment  # pylint: disable=g-import-not-at-top
+  config = paper.get_config(f"samlml/{column},synthetic")
+  assert (config.task, config.batch_size, config.learning_rate, config.weight_decay) == (
+      task, batch_size, learning_rate, 0.01)
+  assert {k: config.model[k] for k in model} == model
+  if task == "classification":  # BCE columns refuse a regression dataset, naming the field
+    with pytest.raises(ValueError, match="config.task: the config expects a classification"):
+      experiment.load_data(config)
+  with pytest.raises(ValueError, match="unknown SAM-LML Table 7 column"):
+    paper.get_config("samlml/imdb")

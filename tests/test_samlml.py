@@ -7,6 +7,7 @@ share one :func:`mmjax.train.fit` run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -20,8 +21,8 @@ from mmjax.methods import samlml
 from mmjax.train import default_train_config, evaluate, fit
 
 SMALL = dict(hidden=16, num_heads=2)
-SUPERVISION = {"noise", "var", "con"}
-SWITCHES = {"use_aux": "aux", "use_noise": "noise", "use_var": "var", "use_con": "con"}
+SUPERVISION = {"noise", "de", "orth", "mi", "recon", "mix", "var", "con"}
+DECOMPOSITION = {"de", "orth", "mi", "recon"}
 
 
 def _config(**overrides):
@@ -83,22 +84,43 @@ def test_terms_reported_in_training_only(setup, spec, batch):
   assert len(records) == 3 + 6 and all(set(r) == {"logits"} for r in records.values())
 
 
-@pytest.mark.parametrize("switch", [None, *SWITCHES])
-def test_total_is_weighted_sum_and_switches_remove_terms(spec, setup, batch, switch):
+# switch -> (terms it removes, terms that keep only their inter- (or intra-) modal part)
+ABLATIONS = [
+    ({}, set(), set()),
+    ({"use_aux": False}, {"aux"}, set()),
+    ({"use_noise": False}, {"noise"}, set()),
+    ({"use_de": False}, DECOMPOSITION, set()),
+    ({"use_mix": False}, {"mix"}, set()),
+    ({"use_var": False}, {"var"}, set()),
+    ({"use_con": False}, {"con"}, set()),
+    ({"supervise_intra": False}, DECOMPOSITION | {"con"}, {"noise", "var"}),  # Table 4
+    ({"supervise_inter": False}, {"mix"}, {"noise", "var"}),
+    ({"supervise_intra": False, "supervise_inter": False}, SUPERVISION, set()),
+]
+
+
+@pytest.mark.parametrize("overrides, removed, reduced", ABLATIONS)
+def test_total_is_weighted_sum_and_switches_remove_terms(spec, setup, batch, overrides, removed,
+                                                         reduced):
   _, params, state = setup
-  config = _config(**({switch: False} if switch else {}))
+  config = _config(**overrides)
   method = build("samlml", config, spec)
   key = jax.random.key(3)
   metrics, _ = _metrics(method, params, state, batch, key, True)
   reference, _ = _metrics(setup[0], params, state, batch, key, True)
-  removed = SWITCHES.get(switch)
-  assert set(metrics) == ({"task", "aux", "loss"} | SUPERVISION) - {removed}
-  for term, value in metrics.items():  # the other terms are unchanged
-    if term != "loss":
+  assert set(metrics) == ({"task", "aux", "loss"} | SUPERVISION) - removed
+  for term, value in metrics.items():
+    if term == "loss":
+      continue
+    if term in reduced:  # the supervised half only: strictly smaller, still positive
+      assert 0 < value < reference[term], (term, value, reference[term])
+    else:  # the other terms are unchanged
       np.testing.assert_allclose(value, reference[term], rtol=1e-5, err_msg=term)
-  by_hand = (metrics["task"] + config.alpha_p * metrics.get("aux", 0.0)
-             + config.alpha * metrics.get("noise", 0.0)
-             + config.alpha_c * (metrics.get("var", 0.0) + metrics.get("con", 0.0)))
+  get = lambda name: metrics.get(name, 0.0)
+  by_hand = (get("task") + config.alpha_p * get("aux")
+             + config.alpha * (get("noise") + get("de")) + config.alpha * config.alpha_de * (
+                 get("orth") + get("mi") + get("recon"))
+             + config.alpha_mix * get("mix") + config.alpha_c * (get("var") + get("con")))
   np.testing.assert_allclose(metrics["loss"], by_hand, rtol=1e-6)
   if removed:
     assert metrics["loss"] < reference["loss"]
@@ -162,34 +184,118 @@ def test_intra_attention_matches_numpy(setup, spec, batch):
     np.testing.assert_allclose(np.asarray(outputs[m]), h, rtol=1e-4, atol=1e-4)
 
 
-def test_noise_ranking_term_by_hand(setup, spec, batch):
-  """``L^n`` (eq. 3-6) summed over the 3 intra and 6 inter attentions, hinge means in NumPy."""
-  method, params, state = setup
-  config = _config()
-  key = jax.random.key(5)
-  _, _, records = samlml.forward(samlml.make_model(config, spec), params, batch, key, train=True)
+def _selection(batch, names, query, key):
+  """Valid sample, both modalities present, query and key real steps: ``[B, T_q, T_k]``."""
   present, valid = np.asarray(batch.present), np.asarray(batch.valid)
+  return ((valid & present[:, names.index(query)] & present[:, names.index(key)])[:, None, None]
+          & np.asarray(batch.step_mask[query])[:, :, None]
+          & np.asarray(batch.step_mask[key])[:, None, :])
+
+
+@pytest.fixture(scope="module")
+def train_records(setup, spec, batch):
+  """Training-mode records and metrics for one key (``TRAIN_KEY``)."""
+  method, params, state = setup
+  _, _, records = samlml.forward(samlml.make_model(_config(), spec), params, batch,
+                                 jax.random.key(TRAIN_KEY), train=True)
+  metrics, _ = _metrics(method, params, state, batch, jax.random.key(TRAIN_KEY), True)
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), records), metrics
+
+
+TRAIN_KEY = 5
+
+
+def test_noise_ranking_term_by_hand(setup, spec, batch, train_records):
+  """``L^n`` (eq. 3-6) summed over the 3 intra and 6 inter attentions, hinge means in NumPy."""
+  _, params, _ = setup
+  config = _config()
+  records, metrics = train_records
   names = spec.modalities
   total = 0.0
   for name, r in records.items():
     query, _, key_name = name.partition("->")
     key_name = key_name or query
     block = f"{'inter' if '->' in name else 'intra'}_{names.index(query)}"
-    q, k = np.asarray(r["queries"], np.float64), np.asarray(r["keys"], np.float64)
-    noise, lam = np.asarray(r["noise"], np.float64), np.asarray(r["mix_weight"], np.float64)
+    q, k, noise, lam = r["queries"], r["keys"], r["noise"], r["noise_weight"]
     assert noise.shape == k.shape and lam.shape == (batch.batch_size, 1, 1)
     assert np.all((lam >= 0) & (lam < 1))
     a = _logits(params[block], q, k)
     a_noise = _logits(params[block], q, noise)
-    a_mixed = _logits(params[block], q, lam * k + (1 - lam) * noise)
-    np.testing.assert_allclose(np.asarray(r["logits"]), a, rtol=1e-4, atol=1e-4)
-    where = ((valid & present[:, names.index(query)] & present[:, names.index(key_name)])
-             [:, None, None] & np.asarray(batch.step_mask[query])[:, :, None]
-             & np.asarray(batch.step_mask[key_name])[:, None, :])
+    a_noisy = _logits(params[block], q, lam * k + (1 - lam) * noise)
+    np.testing.assert_allclose(r["logits"], a, rtol=1e-4, atol=1e-4)
+    where = _selection(batch, names, query, key_name)
     total += (np.maximum(a_noise - a + config.gamma1, 0)[where].mean()
-              + np.maximum(a_noise - a_mixed + config.gamma1, 0)[where].mean())
-  metrics, _ = _metrics(method, params, state, batch, key, True)
+              + np.maximum(a_noise - a_noisy + config.gamma1, 0)[where].mean())
   np.testing.assert_allclose(metrics["noise"], total, rtol=1e-4)
+
+
+def _gelu(x):  # flax's default (tanh) approximation
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _dense(p, x):
+  return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def test_mixing_term_by_hand(setup, spec, batch, train_records):
+  """``L^mix`` (eq. 26-28): ``max(A - A^mix + gamma_1, 0)`` on the diagonal, 6 ordered pairs."""
+  _, params, _ = setup
+  config = _config()
+  records, metrics = train_records
+  names, total = spec.modalities, 0.0
+  for name, r in records.items():
+    if "->" not in name:
+      continue
+    query, _, key = name.partition("->")
+    p = params[f"inter_{names.index(query)}"]
+    lam = r["mix_weight"]
+    assert lam.shape == (batch.batch_size, 1, 1) and np.all((lam >= 0) & (lam < 1))
+    mixed = lam * r["mix_keys"] + (1 - lam) * r["mix_queries"]  # eq. 26
+    a, a_mix = _logits(p, r["mix_queries"], r["mix_keys"]), _logits(p, r["mix_queries"], mixed)
+    diagonal = lambda x: np.diagonal(x, axis1=-2, axis2=-1)
+    where = diagonal(_selection(batch, names, query, key))
+    total += np.maximum(diagonal(a) - diagonal(a_mix) + config.gamma1, 0)[where].mean()
+  np.testing.assert_allclose(metrics["mix"], total, rtol=1e-4)
+
+
+def test_decomposition_terms_by_hand(setup, spec, batch, train_records):
+  """Eq. 7-12 from the parameters: Decom/Compo outputs, ``de`` ranking, ``orth``, ``mi``,
+  ``recon`` summed over the 3 modalities."""
+  _, params, _ = setup
+  config = _config()
+  records, metrics = train_records
+  names = spec.modalities
+  totals = dict.fromkeys(DECOMPOSITION, 0.0)
+  predictor = lambda x: _dense(params["predictor_out"], _gelu(_dense(params["predictor_hidden"], x)))
+  for i, m in enumerate(names):
+    r, p = records[m], params[f"decompositions_{i}"]
+    u = r["units"]
+    h = _dense(p["decom_out"], _gelu(_dense(p["decom_hidden"], u)))
+    k, relevant = h[..., :u.shape[-1]], h[..., u.shape[-1]:]
+    recomposed = _dense(p["compo_out"], _gelu(_dense(p["compo_hidden"],
+                                                     np.concatenate([k, relevant], -1))))
+    for got, want in ((r["irrelevant"], k), (r["relevant"], relevant),
+                      (r["recomposed"], recomposed)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    where = _selection(batch, names, m, m)
+    a, a_de = _logits(params[f"intra_{i}"], u, u), _logits(params[f"intra_{i}"], u, k)
+    totals["de"] += np.maximum(a_de - a + config.gamma1, 0)[where].mean()
+    steps = where.any(-1)  # [B, T]
+    sample = steps.any(-1)
+    w = steps[..., None]
+    orth = np.sqrt(((np.einsum("btd,bsd->bts", relevant * w, k * w)) ** 2).sum((1, 2)))
+    totals["orth"] += orth[sample].mean()
+    real = np.asarray(batch.step_mask[m])[..., None]  # the model pools over every real step
+    pool = lambda x: (x * real).sum(1) / np.maximum(real.sum(1), 1)
+    np.testing.assert_allclose(r["irrelevant_prediction"], predictor(pool(k)), rtol=1e-4,
+                               atol=1e-4)
+    gap = ((predictor(pool(k)) - r["noise_prediction"]) ** 2).sum(-1)
+    distance = (((u - k) ** 2) * w).sum((1, 2)) / np.maximum(((u**2) * w).sum((1, 2)), 1e-12)
+    mi = gap + config.mi_distance_weight * np.maximum(distance - config.mi_epsilon, 0)
+    totals["mi"] += mi[sample].mean()
+    totals["recon"] += ((u - recomposed) ** 2).mean(-1)[steps].mean()
+  for term, value in totals.items():
+    np.testing.assert_allclose(metrics[term], value, rtol=1e-4, err_msg=term)
 
 
 def test_missing_modality_reads_noise(setup, spec, batch):
@@ -213,6 +319,13 @@ def test_missing_modality_reads_noise(setup, spec, batch):
 def test_bad_config_raises(spec, overrides, message):
   with pytest.raises(ValueError, match=message):
     build("samlml", _config(**overrides), spec)
+
+
+def test_mixing_needs_aligned_sequences():
+  spec = TaskSpec("regression", None, ("text", "audio"), {"text": (6, 4), "audio": (9, 4)})
+  with pytest.raises(ValueError, match="model.use_mix"):
+    build("samlml", _config(), spec)
+  build("samlml", _config(use_mix=False), spec)  # fine without mixing
 
 
 def test_single_modality_raises():
@@ -266,3 +379,61 @@ def test_same_seed_same_metrics(trained, easy_dataset):
   for key, value in first.items():
     if key != "seconds":
       assert again[key] == value, key
+
+
+# ----------------------------------------------------------------------------- Fig. 3 / §4.6
+
+NOISY_STEP_FRACTION = 0.3
+
+
+def _with_noisy_steps(split, key):
+  """``split`` with a random 30% of each sequence's real steps replaced by ``N(0, 1)`` features
+  (train and test alike); returns the split and the replaced steps ``{m: [B, T] bool}``."""
+  features, noisy = dict(split.features), {}
+  for i, m in enumerate(split.modalities):
+    pick_key, noise_key = jax.random.split(jax.random.fold_in(key, i))
+    shape = features[m].shape
+    noisy[m] = (np.asarray(jax.random.uniform(pick_key, shape[:2])) < NOISY_STEP_FRACTION) & (
+        np.asarray(split.step_mask[m]))
+    features[m] = np.where(noisy[m][..., None], np.asarray(jax.random.normal(noise_key, shape)),
+                           features[m])
+  return split.replace(features=features, full_features=features), noisy
+
+
+def test_supervision_moves_attention_off_noisy_steps():
+  """Paper Fig. 3 / §4.6: trained on sequences with some steps replaced by Gaussian noise, the
+  supervised model puts less intra-modal attention mass on those steps than the same model
+  trained without supervision (``supervise_intra = supervise_inter = False``), same seed.
+
+  Both modalities use the per-step ``Dense`` network (``language``): a convolution would smear a
+  noisy step over its neighbours, so no attention could single it out. The supervision weights
+  are 100x Table 7's so that 8 epochs on 128 samples show the effect.
+  """
+  modality = ModalitySpec(seq_len=8, dim=4, signal=1.0, intensity=0.0, reading_noise=0.3,
+                          bias=0.0, bias_visibility=0.0, nuisance=0.3)
+  clean = standardize(make_synthetic(jax.random.key(0), n_train=128, n_valid=32, n_test=64,
+                                     modalities={"text": modality, "audio": modality}))
+  splits, noisy = {}, {}
+  for i, (name, split) in enumerate(clean.splits.items()):
+    splits[name], noisy[name] = _with_noisy_steps(split, jax.random.key(10 + i))
+  dataset = dataclasses.replace(clean, splits=splits)
+  spec = TaskSpec.from_dataset(dataset)
+  test = dataset.splits["test"]
+  mass = {}
+  for supervised in (True, False):
+    config = _config(language=("text", "audio"), alpha=0.5, alpha_c=0.5, alpha_mix=0.5,
+                     supervise_intra=supervised, supervise_inter=supervised)
+    method = build("samlml", config, spec)
+    params = fit(method, dataset, _train_config(8), log=lambda line: None).state.params
+    _, _, records = samlml.forward(samlml.make_model(config, spec), params, test, None,
+                                   train=False)
+    per_modality = []
+    for m in spec.modalities:
+      real = np.asarray(test.step_mask[m])
+      logits = np.where(real[:, None, :], np.asarray(records[m]["logits"], np.float64), -np.inf)
+      weights = np.exp(logits - logits.max(-1, keepdims=True))
+      weights /= weights.sum(-1, keepdims=True)
+      on_noise = (weights * noisy["test"][m][:, None, :]).sum(-1)  # [B, T] per query step
+      per_modality.append(on_noise[real & ~noisy["test"][m]].mean())  # clean queries
+    mass[supervised] = np.mean(per_modality)
+  assert mass[True] < 0.9 * mass[False], mass

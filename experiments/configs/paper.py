@@ -8,6 +8,13 @@
 * ``ease`` (papers/004 App. A.3): batch 64, Adam lr 1e-5, 200 epochs; lambda_1/2/3 = 0.5/0.2/0.5, beta_1 = 0.02
   (the model defaults). Table 4 ablations: ``--config.model.use_{ucmi,ucsa,mipc,uada,anchor,cons,asym}=False``.
 * ``concat`` / ``late_fusion``: the EUAR settings.
+* ``samlml[/<column>]`` (papers/003 Table 7, App. A.5): AdamW (PyTorch's default weight decay 0.01; the paper
+  gives none), batch / lr / model hyper-parameters of the column ``mosi`` (default), ``mosei``, ``urfunny`` or
+  ``mustard``. MOSI/MOSEI train with MSE (``config.task="regression"``), UR-FUNNY/MUStARD with BCE: a 2-class
+  classification dataset, whose softmax cross-entropy equals BCE on the logit difference
+  (``config.task="classification"``; a dataset of the other task is refused). Epochs are not given: 100.
+  Table 4 ablations: ``--config.model.use_{noise,de,mix,var,con}=False``,
+  ``--config.model.supervise_intra=False`` / ``supervise_inter=False`` (unsupervised intra-/inter-modal attention).
 
 Early stopping keeps its default patience (10); pass ``--config.patience=0`` to train every epoch.
 """
@@ -19,11 +26,38 @@ PAPER_SETTINGS = {
     "concat": dict(batch_size=16, num_epochs=100, learning_rate=1e-3),
     "late_fusion": dict(batch_size=16, num_epochs=100, learning_rate=1e-3),
     "ease": dict(batch_size=64, num_epochs=200, learning_rate=1e-5),
+    "samlml": dict(num_epochs=100, weight_decay=0.01),
+}
+
+# SAM-LML Table 7, one column per dataset: (training settings, model hyper-parameters).
+SAMLML_TABLE7 = {
+    "mosi": (dict(task="regression", batch_size=48, learning_rate=1e-5),
+             dict(hidden=120, rho=5, beta=0.1, gamma=0.5, gamma1=1.0, alpha_p=1.0, alpha_de=0.01,
+                  alpha=0.005, alpha_mix=0.01, alpha_c=0.005)),
+    "mosei": (dict(task="regression", batch_size=64, learning_rate=1e-5),
+              dict(hidden=180, rho=5, beta=0.1, gamma=0.5, gamma1=1.0, alpha_p=0.1, alpha_de=0.5,
+                   alpha=0.005, alpha_mix=0.01, alpha_c=0.005)),
+    "urfunny": (dict(task="classification", batch_size=64, learning_rate=1e-6),
+                dict(hidden=150, rho=6, beta=0.1, gamma=0.5, gamma1=0.3, alpha_p=1e-5,
+                     alpha_de=1e-4, alpha=1e-4, alpha_mix=0.1, alpha_c=1e-5)),
+    "mustard": (dict(task="classification", batch_size=48, learning_rate=5e-6),
+                dict(hidden=48, rho=7, beta=0.1, gamma=1.0, gamma1=0.8, alpha_p=0.05,
+                     alpha_de=0.01, alpha=1e-4, alpha_mix=1e-5, alpha_c=0.05)),
 }
 
 
 def get_config(arg: str | None = None):
   method, _, dataset = (arg or "euar").partition(",")
+  method, _, column = method.partition("/")
   config = _get_config(method, dataset or "synthetic")
   config.update(PAPER_SETTINGS.get(method, {}))
+  if method == "samlml":
+    if (column or "mosi") not in SAMLML_TABLE7:
+      raise ValueError(f"config: unknown SAM-LML Table 7 column {column!r}; "
+                       f"available: {sorted(SAMLML_TABLE7)}")
+    train, model = SAMLML_TABLE7[column or "mosi"]
+    config.update(train)
+    config.model.update(model)
+  elif column:
+    raise ValueError(f"config: {method!r} has no per-dataset paper columns (got {column!r})")
   return config

@@ -10,7 +10,8 @@ from mmjax.data.batching import (
     iterate_batches, num_batches, standardize)
 from mmjax.data.corruption import (
     drop_modalities, drop_one_modality, gaussian_noise, keep_modalities, laplace_noise,
-    mask_time_steps, mix_noise, modality_subsets, random_erasing, salt_pepper_noise)
+    laplace_or_erasing, mask_time_steps, mix_noise, modality_subsets, random_erasing,
+    salt_pepper_noise)
 from mmjax.data.dataset import SPLITS, Dataset
 from mmjax.data.loaders import (
     LOADERS, load_dataset, load_mmsa_pickle, load_multiview_mat, load_npz, load_sdk_pickle)

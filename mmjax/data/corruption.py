@@ -15,6 +15,7 @@ protocol                                            source
 ``mix_noise(key, batch, rate, ...)``                SAM-LML eq. 35 (noisy rate NR)
 ``laplace_noise(key, batch, scale, ...)``           SAM-LML App. A.14
 ``random_erasing(key, batch, rate, ...)``           SAM-LML App. A.14
+``laplace_or_erasing(key, batch, rate, ...)``       SAM-LML App. A.14 (one of the two per sample)
 ==================================================  ===========================================
 
 Conventions (see ``docs/protocols.md`` for the reasoning):
@@ -372,3 +373,34 @@ def random_erasing(key: jax.Array, batch: Batch, rate: Any, modalities: Names = 
   return _perturb(
       key, batch, modalities,
       lambda k, x, _: jnp.where(jax.random.bernoulli(k, rate, x.shape), 0, x))
+
+
+def laplace_or_erasing(key: jax.Array, batch: Batch, rate: Any, modalities: Names = None) -> Batch:
+  """SAM-LML App. A.14: each sample gets one noise type, Laplace or random erasing, equal odds.
+
+  Laplace samples: ``(1 − NR) · x + NR · ε`` with ``ε ~ Laplace(0, 1/√2)`` (unit variance: eq. 35
+  with Laplace instead of Gaussian noise). Erasing samples: each observed entry is zeroed with
+  probability ``NR``. The per-sample choice is ``bernoulli(split(key)[0], 0.5, [B])`` (True =
+  Laplace), shared by the sample's modalities; modality ``i`` draws from
+  ``fold_in(split(key)[1], i)``.
+
+  Args:
+    key: PRNG key.
+    batch: ``features[m]`` ``[B, T_m, D_m]``.
+    rate: the noisy rate NR, scalar in [0, 1] (may be traced).
+    modalities: names to corrupt (``None`` = all); static under jit.
+
+  Raises:
+    ValueError: ``rate`` outside [0, 1] (when concrete) or unknown ``modalities``.
+  """
+  _check_range("rate", rate, 0.0, 1.0)
+  choice_key, key = jax.random.split(key)
+  laplace = jax.random.bernoulli(choice_key, 0.5, (batch.batch_size,))[:, None, None]
+
+  def fn(k, x, _):
+    noise_key, erase_key = jax.random.split(k)
+    noise = jax.random.laplace(noise_key, x.shape, jnp.float32) / np.sqrt(2.0)
+    erased = jnp.where(jax.random.bernoulli(erase_key, rate, x.shape), 0, x)
+    return jnp.where(laplace, (1 - rate) * x + rate * noise, erased)
+
+  return _perturb(key, batch, modalities, fn)

@@ -1,6 +1,6 @@
-"""SAM-LML: supervised attention for low-quality multimodal learning (papers/003) — first slice.
+"""SAM-LML: supervised attention for low-quality multimodal learning (papers/003).
 
-Implemented (SPEC §6.3; equation numbers are the paper's):
+SPEC §6.3; equation numbers are the paper's:
 
 * **Missing modalities** (§3). An absent modality's input features ``Z_m`` are replaced by Gaussian
   noise ``N(0, 1)`` on its real steps (``step_mask``; padded steps stay 0). In training the noise is
@@ -29,33 +29,55 @@ Implemented (SPEC §6.3; equation numbers are the paper's):
   :func:`mmjax.losses.margin_ranking_loss` (margin ``gamma_1``) averaged over the selected
   (query, key) pairs. Selected = valid sample, query and key both real steps, and the modalities
   involved present: a modality that *is* noise gives no meaningful ranking target.
+* **Decomposition replacement** (eq. 7-13), training only, intra-modal: per modality
+  ``Decom_m: U -> (K^de, U^de)`` (``Dense(d) -> GELU -> Dense(2d)``, halves) and
+  ``Compo_m: [K^de || U^de] -> U_hat`` (``Dense(d) -> GELU -> Dense(d)``), per time step
+  (:class:`Decomposition`). ``de = rank(A_m > A^de_m)`` with ``A^de = logits(U, sg(K^de))``
+  (eq. 7-8; the ranking trains the attention, not the decomposition, which learns from its own
+  losses). ``orth = mean_b ||U^de K^de^T||_F`` (eq. 9), ``mi = ||Pred(pool K^de) -
+  sg(Pred(pool N))||^2 + alpha' max(r - epsilon, 0)`` (eq. 10, 12; ``r`` = squared distance of
+  ``U`` and ``K^de`` relative to ``||U||^2``, so that ``epsilon`` does not depend on the feature
+  scale; ``alpha'`` = ``mi_distance_weight``), ``recon = mean ||U - U_hat||^2 / d`` (eq. 11), see
+  :func:`decomposition_terms`.
+* **Modality mixing** (eq. 26-28), training only, inter-modal: ``K^mix = lambda X_m2 + (1 -
+  lambda) X_m1``, ``lambda ~ U(0, 1)`` per sample, ``A^mix = logits(X_m1, K^mix)`` with the query
+  modality's inter-modal block; ``mix = rank(diag A^mix > diag A)`` over the diagonal (same time
+  slice). It needs aligned sequences (``T_m1 == T_m2``); ``build`` refuses unaligned data unless
+  ``use_mix=False``.
 * **Variance constraint** (eq. 14) on every intra- and inter-modal attention
   (:func:`mmjax.losses.attention_variance_loss`, ``beta``) and **context constraint** (eq. 15) on
   every intra-modal attention (:func:`mmjax.losses.attention_context_loss`, ``gamma``, ``rho``),
   same selection.
-* **Loss** (eq. 25 and eq. 29 without ``L^de`` and ``L^mix``)::
+* **Loss** (eq. 29 with eq. 13 and 25, :func:`total_loss`)::
 
-    L = task + alpha_p * aux + alpha * noise + alpha_c * (var + con)
+    L = task + alpha_p aux + alpha (noise + de + alpha_de (orth + mi + recon))
+        + alpha_mix mix + alpha_c (var + con)
 
   ``task = Loss(p, y)`` and ``aux = mean_{m1} Loss(p_{m1}, y)`` (so ``task + alpha_p aux`` is eq.
-  25's ``L_p``) with ``Loss`` = MSE (regression) or cross-entropy; ``noise``, ``var``, ``con`` are
-  the *sums* over all attentions (eq. 29: "the sum of all intra- and inter-modal ... losses").
-  Metrics report every term; ``noise``, ``var``, ``con`` exist only in training (evaluation does
-  not compute them). Ablations ``use_aux``, ``use_noise``, ``use_var``, ``use_con`` each remove one
-  term (and, for ``use_noise``, its extra attention passes).
+  25's ``L_p``) with ``Loss`` = MSE (regression) or cross-entropy (a 2-class softmax
+  cross-entropy is BCE on the logit difference); the supervision terms are the *sums* over all
+  attentions (eq. 29: "the sum of all intra- and inter-modal ... losses"). Metrics report every
+  term; the supervision terms exist only in training (evaluation neither computes nor reports
+  them). Ablations (Table 4): ``use_aux``, ``use_noise``, ``use_de``, ``use_mix``, ``use_var``,
+  ``use_con`` each remove their terms (and the extra attention passes);
+  ``supervise_intra=False`` / ``supervise_inter=False`` remove every supervision of the intra- /
+  inter-modal attentions ("unsupervised intra-/inter-modal attention"); both off is "W/O
+  supervised learning".
 
-NOT implemented yet: modality decomposition replacement ``L^de`` (eq. 7-13, Decom/Compo networks,
-``alpha_de``), modality mixing ``L^mix`` (eq. 26-28, ``alpha_mix``), the HCF fourth modality and the
-Transformer-then-Conv unimodal variant of MHD/MSD (eq. 32-33).
+Not implemented: the HCF fourth modality and the Transformer-then-Conv unimodal variant of
+MHD/MSD (eq. 32-33).
 
 Defaults: Table 7, CMU-MOSI (``d = 120``, ``rho = 5``, ``beta = 0.1``, ``gamma = 0.5``,
-``gamma_1 = 1``, ``alpha_p = 1``, ``alpha = 0.005``, ``alpha_c = 0.005``; the paper trains with
-AdamW lr 1e-5, batch 48 — a training config, not set here). Unimodal Transformer depth/heads are
+``gamma_1 = 1``, ``alpha_p = 1``, ``alpha_de = 0.01``, ``alpha = 0.005``, ``alpha_mix = 0.01``,
+``alpha_c = 0.005``; the paper trains with AdamW lr 1e-5, batch 48 — see
+``experiments/configs/paper.py:samlml[/column]`` for every Table 7 column). Eq. 10's ``alpha``
+and ``epsilon`` are not given: ``mi_distance_weight = 1``, ``mi_epsilon = 0.5``. Unimodal Transformer depth/heads are
 not in the paper: 1 layer, 4 heads, MLP ratio 2.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -65,6 +87,7 @@ import ml_collections
 
 from mmjax.data import Batch
 from mmjax.losses import attention_context_loss, attention_variance_loss, margin_ranking_loss
+from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, TaskSpec, head_output, task_loss
 from mmjax.nn import TransformerEncoder, masked_mean_pool
 
@@ -85,12 +108,20 @@ def default_config() -> ml_collections.ConfigDict:
       gamma=0.5,  # context margin
       gamma1=1.0,  # ranking margin
       alpha_p=1.0,  # weight of the auxiliary (per query modality) predictive losses
-      alpha=0.005,  # weight of the noise-addition losses
+      alpha=0.005,  # weight of the noise-addition + decomposition-replacement losses (eq. 29)
+      alpha_de=0.01,  # weight of the decomposition losses orth + mi + recon inside L^de (eq. 13)
+      alpha_mix=0.01,  # weight of the modality-mixing loss (eq. 29)
       alpha_c=0.005,  # weight of the variance + context constraints
+      mi_distance_weight=1.0,  # eq. 10's alpha on max(dist(U, K^de) - epsilon, 0)
+      mi_epsilon=0.5,  # eq. 10's epsilon, on the relative squared distance (module docstring)
       use_aux=True,
-      use_noise=True,
-      use_var=True,
-      use_con=True,
+      use_noise=True,  # noise addition (eq. 3-6), intra and inter
+      use_de=True,  # decomposition replacement (eq. 7-13), intra
+      use_mix=True,  # modality mixing (eq. 26-28), inter
+      use_var=True,  # variance constraint (eq. 14), intra and inter
+      use_con=True,  # context constraint (eq. 15), intra
+      supervise_intra=True,  # False: no supervision of any intra-modal attention (Table 4)
+      supervise_inter=True,  # False: no supervision of any inter-modal attention (Table 4)
   ))
 
 
@@ -139,8 +170,33 @@ class UnimodalNetwork(nn.Module):
                               name="transformer")(h, mask, deterministic=not train)
 
 
+class Decomposition(nn.Module):
+  """``Decom_m`` and ``Compo_m`` of eq. 9 and 11 (App. Fig. 5), per time step.
+
+  ``Decom: U [B, T, d] -> (K^de, U^de)``: ``Dense(d) -> GELU -> Dense(2d)``, split in halves.
+  ``Compo: (K^de, U^de) -> U_hat``: ``Dense(d) -> GELU -> Dense(d)`` on ``[K^de || U^de]``.
+  """
+
+  hidden: int
+
+  @nn.compact
+  def __call__(self, units: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns ``K^de`` (label-irrelevant), ``U^de`` (label-relevant), ``U_hat``."""
+    h = nn.Dense(2 * self.hidden, name="decom_out")(
+        nn.gelu(nn.Dense(self.hidden, name="decom_hidden")(units)))
+    irrelevant, relevant = jnp.split(h, 2, axis=-1)
+    recomposed = nn.Dense(self.hidden, name="compo_out")(nn.gelu(nn.Dense(
+        self.hidden, name="compo_hidden")(jnp.concatenate([irrelevant, relevant], axis=-1))))
+    return irrelevant, relevant, recomposed
+
+
 class SAMLMLModel(nn.Module):
-  """The SAM-LML network (see the module docstring)."""
+  """The SAM-LML network (see the module docstring).
+
+  ``intra_ops`` / ``inter_ops`` name the training-time operations that need extra model passes:
+  ``"noise"`` (eq. 3-6) and ``"de"`` (eq. 7-13) for intra-modal attention, ``"noise"`` and
+  ``"mix"`` (eq. 26-28) for inter-modal attention.
+  """
 
   modalities: tuple[str, ...]
   language: tuple[str, ...]
@@ -150,7 +206,8 @@ class SAMLMLModel(nn.Module):
   num_heads: int = 4
   mlp_ratio: int = 2
   dropout: float = 0.0
-  noise_supervision: bool = True
+  intra_ops: tuple[str, ...] = ("noise", "de")
+  inter_ops: tuple[str, ...] = ("noise", "mix")
 
   def setup(self):
     self.unimodal = [
@@ -158,6 +215,8 @@ class SAMLMLModel(nn.Module):
                         self.mlp_ratio * self.hidden, self.dropout) for m in self.modalities]
     self.intra = [SupervisedAttention(self.hidden) for _ in self.modalities]
     self.inter = [SupervisedAttention(self.hidden) for _ in self.modalities]  # owned by the query
+    if "de" in self.intra_ops:
+      self.decompositions = [Decomposition(self.hidden) for _ in self.modalities]
     self.pool_query = self.param("pool_query", nn.initializers.normal(1.0), (1, self.hidden))
     self.pool = SupervisedAttention(self.hidden)
     self.predictor_hidden = nn.Dense(self.hidden)
@@ -200,15 +259,23 @@ class SAMLMLModel(nn.Module):
     """Returns ``p [B, out]``, ``p_m [B, M, out]`` and one record per attention.
 
     Records are keyed ``"m"`` (intra) and ``"m1->m2"`` (inter); each holds ``logits``, and in
-    training with noise supervision also ``queries``, ``keys``, ``noise`` (``N``), ``mix_weight``
-    (``lambda [B, 1, 1]``), ``noise_logits`` (``A^n``) and ``mixed_logits`` (``A^{n'}``).
+    training the entries of :meth:`_noise_record`, :meth:`_decomposition_record` and
+    :meth:`_mixing_record` for the operations in ``intra_ops`` / ``inter_ops``.
     """
-    encode_key, noise_key = jax.random.split(key) if train else (None, None)
+    encode_key, supervision_key = jax.random.split(key) if train else (None, None)
     units = self.encode(features, masks, present, encode_key, train=train)
     xs, intra_logits = self.attend_intra(units, masks)
-    # Record i (intra) and M (i + 1) + j (inter i -> j) draw from fold_in(noise_key, index).
-    records = {m: self._record(self.intra[i], units[m], units[m], intra_logits[m], noise_key, i,
-                               train) for i, m in enumerate(self.modalities)}
+    num = len(self.modalities)
+    # Record i (intra) and M (i + 1) + j (inter i -> j) draw from fold_in(supervision_key, index).
+    records = {}
+    for i, m in enumerate(self.modalities):
+      records[m] = {"logits": intra_logits[m]}
+      if train:
+        noise_key, de_key = jax.random.split(jax.random.fold_in(supervision_key, i))
+        if "noise" in self.intra_ops:
+          records[m].update(self._noise_record(self.intra[i], units[m], units[m], noise_key))
+        if "de" in self.intra_ops:
+          records[m].update(self._decomposition_record(i, units[m], masks[m], de_key))
     pooled = []
     for i, m1 in enumerate(self.modalities):
       per_key = []
@@ -216,9 +283,14 @@ class SAMLMLModel(nn.Module):
         if i == j:
           continue
         x12, logits = self.inter[i](xs[m1], xs[m2], masks[m2])
-        records[f"{m1}->{m2}"] = self._record(
-            self.inter[i], xs[m1], xs[m2], logits, noise_key,
-            len(self.modalities) * (i + 1) + j, train)
+        record = records[f"{m1}->{m2}"] = {"logits": logits}
+        if train:
+          noise_key, mix_key = jax.random.split(
+              jax.random.fold_in(supervision_key, num * (i + 1) + j))
+          if "noise" in self.inter_ops:
+            record.update(self._noise_record(self.inter[i], xs[m1], xs[m2], noise_key))
+          if "mix" in self.inter_ops:
+            record.update(self._mixing_record(self.inter[i], xs[m1], xs[m2], mix_key))
         per_key.append(masked_mean_pool(x12, masks[m1]))
       pooled.append(jnp.mean(jnp.stack(per_key), axis=0))  # eq. 18-19
     stacked = jnp.stack(pooled, axis=1)  # Shape: [B, M, d]
@@ -226,25 +298,70 @@ class SAMLMLModel(nn.Module):
     fused, _ = self.pool(query, stacked, jnp.ones(stacked.shape[:2], bool))  # eq. 20-22
     return self.predict(fused[:, 0]), self.predict(stacked), records
 
-  def _record(self, attention: SupervisedAttention, queries: jax.Array, keys: jax.Array,
-              logits: jax.Array, key: jax.Array | None, index: int, train: bool
-              ) -> dict[str, jax.Array]:
-    """Eq. 3 and 5: logits against pure noise keys and against ``lambda k + (1 - lambda) N``."""
-    if not (train and self.noise_supervision):
-      return {"logits": logits}
-    noise_key, mix_key = jax.random.split(jax.random.fold_in(key, index))
+  def initialize(self, features: dict[str, jax.Array], masks: dict[str, jax.Array],
+                 present: jax.Array) -> jax.Array:
+    """The evaluation pass plus the decomposition networks: creates every parameter (``init``)
+    without tracing the training-only supervision passes."""
+    outputs, _, _ = self(features, masks, present, None, train=False)
+    if "de" in self.intra_ops:
+      units = self.encode(features, masks, present, None, train=False)
+      for decomposition, m in zip(self.decompositions, self.modalities):
+        decomposition(units[m])
+    return outputs
+
+  def _noise_record(self, attention: SupervisedAttention, queries: jax.Array, keys: jax.Array,
+                    key: jax.Array) -> dict[str, jax.Array]:
+    """Eq. 3 and 5: ``noise_logits`` ``A^n`` against keys ``N ~ N(0, I)`` shaped like ``keys``,
+    ``noisy_logits`` ``A^{n'}`` against ``lambda keys + (1 - lambda) N``, ``lambda ~ U(0, 1)``
+    per sample (``noise_weight [B, 1, 1]``)."""
+    noise_key, weight_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, keys.shape, keys.dtype)
-    mix_weight = jax.random.uniform(mix_key, (keys.shape[0], 1, 1), keys.dtype)
-    return {"logits": logits, "queries": queries, "keys": keys, "noise": noise,
-            "mix_weight": mix_weight, "noise_logits": attention.logits(queries, noise),
-            "mixed_logits": attention.logits(
-                queries, mix_weight * keys + (1.0 - mix_weight) * noise)}
+    weight = jax.random.uniform(weight_key, (keys.shape[0], 1, 1), keys.dtype)
+    return {"queries": queries, "keys": keys, "noise": noise, "noise_weight": weight,
+            "noise_logits": attention.logits(queries, noise),
+            "noisy_logits": attention.logits(queries, weight * keys + (1.0 - weight) * noise)}
+
+  def _decomposition_record(self, index: int, units: jax.Array, mask: jax.Array, key: jax.Array
+                            ) -> dict[str, jax.Array]:
+    """Eq. 7, 9, 11, 12 for modality ``index``.
+
+    ``de_logits`` ``A^de = logits(U, stop_gradient(K^de))`` (the ranking trains the attention,
+    not the decomposition); ``irrelevant`` ``K^de``, ``relevant`` ``U^de``, ``recomposed``
+    ``U_hat`` (all ``[B, T, d]``), ``units`` ``U``; ``irrelevant_prediction``
+    ``Pred(pool K^de)`` and ``noise_prediction`` ``stop_gradient(Pred(pool N))`` ``[B, out]`` with
+    ``N ~ N(0, I)`` shaped like ``U`` and ``pool`` the masked time mean.
+    """
+    irrelevant, relevant, recomposed = self.decompositions[index](units)
+    noise = jax.random.normal(key, units.shape, units.dtype)
+    return {"units": units, "irrelevant": irrelevant, "relevant": relevant,
+            "recomposed": recomposed,
+            "de_logits": self.intra[index].logits(units, jax.lax.stop_gradient(irrelevant)),
+            "irrelevant_prediction": self.predict(masked_mean_pool(irrelevant, mask)),
+            "noise_prediction": jax.lax.stop_gradient(
+                self.predict(masked_mean_pool(noise, mask)))}
+
+  def _mixing_record(self, attention: SupervisedAttention, queries: jax.Array, keys: jax.Array,
+                     key: jax.Array) -> dict[str, jax.Array]:
+    """Eq. 26-27: ``mix_logits`` ``A^mix = logits(X_m1, lambda X_m2 + (1 - lambda) X_m1)``,
+    ``lambda ~ U(0, 1)`` per sample (``mix_weight [B, 1, 1]``); needs ``T_m1 == T_m2``."""
+    weight = jax.random.uniform(key, (keys.shape[0], 1, 1), keys.dtype)
+    return {"mix_queries": queries, "mix_keys": keys, "mix_weight": weight,
+            "mix_logits": attention.logits(queries, weight * keys + (1.0 - weight) * queries)}
+
+
+def supervised_operations(config: ml_collections.ConfigDict
+                          ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """``(intra_ops, inter_ops)``: the extra-pass operations the config switches on."""
+  intra = tuple(op for op, on in (("noise", config.use_noise), ("de", config.use_de)) if on)
+  inter = tuple(op for op, on in (("noise", config.use_noise), ("mix", config.use_mix)) if on)
+  return (intra if config.supervise_intra else ()), (inter if config.supervise_inter else ())
 
 
 def make_model(config: ml_collections.ConfigDict, spec: TaskSpec) -> SAMLMLModel:
+  intra_ops, inter_ops = supervised_operations(config)
   return SAMLMLModel(spec.modalities, tuple(config.language), spec.output_dim, config.hidden,
                      config.num_layers, config.num_heads, config.mlp_ratio, config.dropout,
-                     bool(config.use_noise))
+                     intra_ops, inter_ops)
 
 
 def attention_selection(batch: Batch, query: str, key: str) -> jax.Array:
@@ -259,40 +376,107 @@ def attention_selection(batch: Batch, query: str, key: str) -> jax.Array:
           & jnp.asarray(batch.step_mask[key])[:, None, :])
 
 
+def term_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The supervision terms a training step reports under ``config`` (module docstring)."""
+  intra, inter = config.supervise_intra, config.supervise_inter
+  on = {"noise": config.use_noise and (intra or inter),
+        "de": config.use_de and intra, "orth": config.use_de and intra,
+        "mi": config.use_de and intra, "recon": config.use_de and intra,
+        "mix": config.use_mix and inter,
+        "var": config.use_var and (intra or inter), "con": config.use_con and intra}
+  return tuple(name for name, enabled in on.items() if enabled)
+
+
+def _frobenius(x: jax.Array) -> jax.Array:
+  """``||x||_F`` over the last two axes with a finite gradient at 0."""
+  squared = jnp.sum(jnp.square(x), axis=(-2, -1))
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def decomposition_terms(record: dict[str, jax.Array], steps: jax.Array,
+                        config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """``orth``, ``mi``, ``recon`` of one modality (eq. 9-12) over the selected ``steps [B, T]``.
+
+  * ``orth = mean_b ||U^de_b (K^de_b)^T||_F`` over the selected steps (eq. 9's ``L^or``);
+  * ``mi = mean_b ||Pred(pool K^de) - Pred(pool N)||^2 + alpha' max(r_b - epsilon, 0)`` with the
+    relative distance ``r_b = sum_t ||U - K^de||^2 / sum_t ||U||^2`` (eq. 10, 12; ``alpha'`` =
+    ``config.mi_distance_weight``, the target's norm not differentiated);
+  * ``recon = mean ||U - U_hat||^2 / d`` over selected steps (eq. 11's ``L^re``).
+
+  Samples count when at least one step is selected.
+  """
+  units, irrelevant = record["units"], record["irrelevant"]
+  weights = steps[..., None].astype(units.dtype)
+  sample = jnp.any(steps, axis=-1)
+  orth = _frobenius(jnp.einsum("btd,bsd->bts", record["relevant"] * weights, irrelevant * weights))
+  gap = jnp.sum(jnp.square(record["irrelevant_prediction"] - record["noise_prediction"]), axis=-1)
+  distance = (jnp.sum(jnp.square(units - irrelevant) * weights, axis=(1, 2))
+              / jax.lax.stop_gradient(jnp.maximum(
+                  jnp.sum(jnp.square(units) * weights, axis=(1, 2)), 1e-12)))
+  mi = gap + config.mi_distance_weight * jnp.maximum(distance - config.mi_epsilon, 0.0)
+  recon = jnp.mean(jnp.square(units - record["recomposed"]), axis=-1)
+  return {"orth": masked_mean(orth, sample), "mi": masked_mean(mi, sample),
+          "recon": masked_mean(recon, steps)}
+
+
 def supervision_terms(records: dict[str, dict[str, jax.Array]], batch: Batch,
                       config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """The enabled ``noise`` (eq. 3-6), ``var`` (eq. 14), ``con`` (eq. 15), summed over attentions.
+  """The enabled supervision terms (:func:`term_names`), each summed over attentions.
+
+  Per intra-modal attention of modality ``m``: ``noise`` (eq. 3-6), ``de`` = rank(A > A^de)
+  (eq. 8) and ``orth``/``mi``/``recon`` (:func:`decomposition_terms`), ``var`` (eq. 14), ``con``
+  (eq. 15). Per inter-modal attention ``m1 -> m2``: ``noise``, ``mix`` = rank(diag A^mix >
+  diag A) (eq. 28), ``var``. Every term averages over :func:`attention_selection` (``mix`` over its
+  diagonal; the decomposition terms over the steps of valid samples where ``m`` is present).
 
   Args:
     records: the model's per-attention records (training mode), keyed ``"m"`` or ``"m1->m2"``.
-    batch: supplies ``valid``, ``present`` and ``step_mask`` for :func:`attention_selection`.
+    batch: supplies ``valid``, ``present`` and ``step_mask``.
     config: the model config (margins, switches).
 
   Returns:
     ``{term: <float32>[]}``.
   """
-  terms = {}
-  if config.use_noise:
-    terms["noise"] = 0.0
-  if config.use_var:
-    terms["var"] = 0.0
-  if config.use_con:
-    terms["con"] = 0.0
+  names = term_names(config)
+  terms = {name: jnp.zeros((), jnp.float32) for name in names}
+  rank = functools.partial(margin_ranking_loss, margin=config.gamma1)
   for name, record in records.items():
     query, _, key = name.partition("->")
+    if not (config.supervise_inter if key else config.supervise_intra):
+      continue
     where = attention_selection(batch, query, key or query)
-    if config.use_noise:
-      terms["noise"] += (
-          margin_ranking_loss(record["logits"], record["noise_logits"], margin=config.gamma1,
-                              where=where)
-          + margin_ranking_loss(record["mixed_logits"], record["noise_logits"],
-                                margin=config.gamma1, where=where))
-    if config.use_var:
-      terms["var"] += attention_variance_loss(record["logits"], beta=config.beta, where=where)
-    if config.use_con and not key:
-      terms["con"] += attention_context_loss(record["logits"], gamma=config.gamma,
-                                             rho=config.rho, where=where)
+    logits = record["logits"]
+    if "noise" in names:
+      terms["noise"] += (rank(logits, record["noise_logits"], where=where)
+                         + rank(record["noisy_logits"], record["noise_logits"], where=where))
+    if "var" in names:
+      terms["var"] += attention_variance_loss(logits, beta=config.beta, where=where)
+    if key:
+      if "mix" in names:
+        diagonal = functools.partial(jnp.diagonal, axis1=-2, axis2=-1)
+        terms["mix"] += rank(diagonal(record["mix_logits"]), diagonal(logits),
+                             where=diagonal(where))
+      continue
+    if "con" in names:
+      terms["con"] += attention_context_loss(logits, gamma=config.gamma, rho=config.rho,
+                                             where=where)
+    if "de" in names:
+      terms["de"] += rank(logits, record["de_logits"], where=where)
+      steps = jnp.any(where, axis=-1)  # Shape: [B, T]: valid sample, m present, real step
+      for term, value in decomposition_terms(record, steps, config).items():
+        terms[term] += value
   return terms
+
+
+def total_loss(metrics: dict[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
+  """Eq. 25 + 29 + 13: ``task + alpha_p aux + alpha (noise + de + alpha_de (orth + mi + recon))
+  + alpha_mix mix + alpha_c (var + con)``; absent terms count 0."""
+  get = lambda name: metrics.get(name, 0.0)
+  return (get("task") + config.alpha_p * get("aux")
+          + config.alpha * (get("noise") + get("de")
+                            + config.alpha_de * (get("orth") + get("mi") + get("recon")))
+          + config.alpha_mix * get("mix") + config.alpha_c * (get("var") + get("con")))
 
 
 def forward(model: SAMLMLModel, params, batch: Batch, key: jax.Array | None, *, train: bool
@@ -307,8 +491,8 @@ def forward(model: SAMLMLModel, params, batch: Batch, key: jax.Array | None, *, 
                      jnp.asarray(batch.present), key, train=train, rngs=rngs)
 
 
-def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
-  """SAM-LML as a :class:`~mmjax.methods.base.Method` (see the module docstring)."""
+def check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
+  """Raises ``ValueError`` naming the field for configs no run could use."""
   if config.hidden % config.num_heads:
     raise ValueError(
         f"model.num_heads: {config.num_heads} does not divide model.hidden={config.hidden}")
@@ -320,32 +504,36 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
                      f"{spec.modalities}")
   if isinstance(config.rho, bool) or not isinstance(config.rho, int) or config.rho < 1:
     raise ValueError(f"model.rho: expected an int >= 1, got {config.rho!r}")
+  lengths = {m: spec.feature_shapes[m][0] for m in spec.modalities}
+  if "mix" in supervised_operations(config)[1] and len(set(lengths.values())) > 1:
+    raise ValueError(f"model.use_mix: modality mixing (eq. 26-28) mixes time slices of two "
+                     f"modalities and needs aligned sequences, got lengths {lengths}; "
+                     "set use_mix=False for unaligned data")
+
+
+def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
+  """SAM-LML as a :class:`~mmjax.methods.base.Method` (see the module docstring)."""
+  check_config(config, spec)
   model = make_model(config, spec)
 
   @jax.jit
   def init(key, batch):
-    params = model.init(key, batch.features, batch.step_mask, jnp.asarray(batch.present), None,
-                        train=False)["params"]
-    return params, {}
+    return model.init(key, batch.features, batch.step_mask, jnp.asarray(batch.present),
+                      method=SAMLMLModel.initialize)["params"], {}
 
   def loss(params, state, batch, key, train):
     outputs, modality_outputs, records = forward(model, params, batch, key, train=train)
     predictions = head_output(outputs, spec)
     metrics = {"task": task_loss(predictions, batch, spec)}
-    total = metrics["task"]
     if config.use_aux:
       modality_predictions = head_output(modality_outputs, spec)  # [B, M] or [B, M, C]
       metrics["aux"] = jnp.mean(jnp.stack([
           task_loss(modality_predictions[:, i], batch, spec)
           for i in range(len(spec.modalities))]))
-      total = total + config.alpha_p * metrics["aux"]
     if train:
-      terms = supervision_terms(records, batch, config)
-      metrics.update(terms)
-      total = total + config.alpha * terms.get("noise", 0.0) + config.alpha_c * (
-          terms.get("var", 0.0) + terms.get("con", 0.0))
-    metrics["loss"] = total
-    return total, (metrics, state, predictions)
+      metrics.update(supervision_terms(records, batch, config))
+    metrics["loss"] = total_loss(metrics, config)
+    return metrics["loss"], (metrics, state, predictions)
 
   def predict(params, state, batch):
     del state
