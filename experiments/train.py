@@ -30,9 +30,9 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
   config = _CONFIG.value
-  dataset, _ = experiment.exit_on_bad_input(experiment.prepare)(config)
-  method, dataset, result = experiment.train(config, _WORKDIR.value, resume=_RESUME.value,
-                                             dataset=dataset)
+  dataset, method = experiment.exit_on_bad_input(experiment.prepare)(config)
+  _, _, result = experiment.train(config, _WORKDIR.value, resume=_RESUME.value, dataset=dataset,
+                                  method=method)
   test = evaluate(method, result.state, dataset.splits["test"], dataset.task,
                   batch_size=config.eval_batch_size)
   print(f"best epoch {result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))

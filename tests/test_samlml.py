@@ -126,6 +126,22 @@ def test_total_is_weighted_sum_and_switches_remove_terms(spec, setup, batch, ove
     assert metrics["loss"] < reference["loss"]
 
 
+def test_evaluation_does_not_pay_for_supervision(setup, spec, batch):
+  """The evaluation graph is the same with and without supervision (same primitives in the same
+  order); the supervised training graph is larger."""
+  _, params, state = setup
+  unsupervised_params = {k: v for k, v in params.items() if not k.startswith("decompositions")}
+  graphs = {}
+  for supervised, p in ((True, params), (False, unsupervised_params)):
+    method = build("samlml", _config(supervise_intra=supervised, supervise_inter=supervised), spec)
+    graphs[supervised, "eval"] = [e.primitive.name for e in jax.make_jaxpr(method.predict)(
+        p, state, batch).eqns]
+    graphs[supervised, "train"] = jax.make_jaxpr(
+        lambda p, k, m=method: m.loss(p, state, batch, k, True)[0])(p, jax.random.key(0)).eqns
+  assert graphs[True, "eval"] == graphs[False, "eval"]
+  assert len(graphs[True, "train"]) > 1.5 * len(graphs[False, "train"])
+
+
 # ----------------------------------------------------------------------------- randomness
 
 
