@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -40,10 +41,14 @@ _REPEATS, _WARMUP, _OUTPUT = shared._REPEATS, shared._WARMUP, shared._OUTPUT
 
 
 def parse_case(case: str) -> tuple[str, dict[str, Any]]:
-  """``"samlml:hidden=64,use_mix=False"`` -> ``("samlml", {"hidden": 64, "use_mix": False})``."""
+  """``"samlml:hidden=64,use_mix=False"`` -> ``("samlml", {"hidden": 64, "use_mix": False})``.
+
+  A comma starts a new field only before ``<name>=``, so string values may hold commas:
+  ``"emmr:members=tf,ae,fusion=max"`` -> ``{"members": "tf,ae", "fusion": "max"}``.
+  """
   method, _, fields = case.partition(":")
   overrides = {}
-  for item in filter(None, fields.split(",")):
+  for item in filter(None, re.split(r",(?=\w+=)", fields)):
     name, sep, value = item.partition("=")
     if not sep:
       raise app.UsageError(f"--case: expected <field>=<value>, got {item!r} in {case!r}")
