@@ -23,8 +23,9 @@ def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collectio
   Fields beyond :func:`mmjax.train.default_train_config`: ``method``, ``dataset`` (a
   :func:`mmjax.data.load_dataset` spec), ``data_seed`` (synthetic data / split seed),
   ``standardize`` (per-feature z-scoring fitted on train), ``task`` (``"auto"``, or the task the
-  data must have: ``"regression"`` / ``"classification"``), ``model`` (the method's
-  hyper-parameters).
+  data must have: ``"regression"`` / ``"classification"``; sentiment-score files (``mmsa:``,
+  ``sdk:``) are then binned into ``num_classes`` classes, 0 = the loader's default 3), ``model``
+  (the method's hyper-parameters).
   """
   config = default_train_config()
   config.method = method
@@ -32,6 +33,7 @@ def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collectio
   config.data_seed = 0
   config.standardize = True
   config.task = "auto"
+  config.num_classes = 0
   config.model = methods.default_model_config(method)
   return config
 
@@ -48,6 +50,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.task not in ("auto", "regression", "classification"):
     raise ValueError(f"config.task: expected 'auto', 'regression' or 'classification', "
                      f"got {config.task!r}")
+  if config.num_classes not in (0, 2, 3):
+    raise ValueError(f"config.num_classes: expected 0 (loader default), 2 or 3 (binned sentiment "
+                     f"scores), got {config.num_classes!r}")
   methods.default_model_config(config.method)  # unknown method -> ValueError listing the known ones
 
 
@@ -73,10 +78,16 @@ def exit_on_bad_input(step: Callable[..., object]) -> Callable[..., object]:
   return wrapped
 
 
+# Sources whose labels are sentiment scores that the loader can bin into classes.
+SCORE_SOURCES = ("mmsa", "sdk")
+
+
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   """The dataset named by ``config.dataset``, standardised on its train split if asked."""
   source = config.dataset.partition(":")[0]
   kwargs = {"seed": config.data_seed} if source in ("synthetic", "multiview") else {}
+  if source in SCORE_SOURCES and config.task == "classification":
+    kwargs.update(task="classification", num_classes=config.num_classes or None)
   dataset = data_lib.load_dataset(config.dataset, **kwargs)
   if config.task not in ("auto", dataset.task):
     raise ValueError(f"config.task: the config expects a {config.task} dataset, but "

@@ -71,7 +71,7 @@ def test_robustness_launcher_writes_consistent_results(tmp_path):
 
 @pytest.mark.parametrize("method,batch_size,learning_rate,num_epochs", [
     ("euar", 16, 1e-3, 100), ("ease", 64, 1e-5, 200), ("concat", 16, 1e-3, 100),
-    ("samlml", 48, 1e-5, 100)])
+    ("samlml", 48, 1e-5, 100), ("emmr", 32, 1e-3, 20)])
 def test_paper_configs_carry_the_papers_settings(method, batch_size, learning_rate, num_epochs):
   from experiments.configs import default, paper  # pylint: disable=g-import-not-at-top
   config = paper.get_config(f"{method},synthetic:classification")
@@ -100,3 +100,24 @@ def test_samlml_table7_columns(column, task, batch_size, learning_rate, model):
       experiment.load_data(config)
   with pytest.raises(ValueError, match="unknown SAM-LML Table 7 column"):
     paper.get_config("samlml/imdb")
+
+
+@pytest.mark.parametrize("num_classes, expected", [(0, None), (2, 2)])
+def test_classification_config_bins_score_files(monkeypatch, num_classes, expected):
+  """``config.task="classification"`` asks the MOSI-style loaders for binned classes (EMMR's
+  3-class MOSI / 2-class setting); other sources are left alone."""
+  from mmjax import experiment  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(experiment.data_lib, "load_dataset",
+                      lambda spec, **kwargs: calls.append((spec, kwargs)) or _FakeDataset())
+  config = experiment.get_config("emmr", "mmsa:/data/aligned_50.pkl")
+  config.update(task="classification", num_classes=num_classes, standardize=False)
+  experiment.load_data(config)
+  config.dataset = "multiview:/data/x.mat"
+  experiment.load_data(config)
+  assert calls == [("mmsa:/data/aligned_50.pkl", {"task": "classification", "num_classes": expected}),
+                   ("multiview:/data/x.mat", {"seed": 0})]
+
+
+class _FakeDataset:
+  task = "classification"

@@ -8,6 +8,11 @@
 * ``ease`` (papers/004 App. A.3): batch 64, Adam lr 1e-5, 200 epochs; lambda_1/2/3 = 0.5/0.2/0.5, beta_1 = 0.02
   (the model defaults). Table 4 ablations: ``--config.model.use_{ucmi,ucsa,mipc,uada,anchor,cons,asym}=False``.
 * ``concat`` / ``late_fusion``: the EUAR settings.
+* ``emmr`` (papers/002 Table 7): batch 32, 20 epochs, Adam lr 1e-3; d = 300, dropout 0.3, lambda_1 = lambda_2 = 0.1
+  (the model defaults; stage 1, the full-modality network, ``--config.model.pretrain_epochs``, default 20). A
+  classification task (3-class MOSI-style or 2-class IEMOCAP-style labels), e.g. ``paper.py:emmr,synthetic:classification``.
+  Tables 2-3 ablations: ``--config.model.members=tf`` (backbone only) / ``tf,ae`` / ``tf,mmin``,
+  ``--config.model.fusion=max|average``, ``--config.model.use_forward=False`` / ``use_backward=False``.
 * ``samlml[/<column>]`` (papers/003 Table 7, App. A.5): AdamW (PyTorch's default weight decay 0.01; the paper
   gives none), batch / lr / model hyper-parameters of the column ``mosi`` (default), ``mosei``, ``urfunny`` or
   ``mustard``. MOSI/MOSEI train with MSE (``config.task="regression"``), UR-FUNNY/MUStARD with BCE: a 2-class
@@ -26,6 +31,7 @@ PAPER_SETTINGS = {
     "concat": dict(batch_size=16, num_epochs=100, learning_rate=1e-3),
     "late_fusion": dict(batch_size=16, num_epochs=100, learning_rate=1e-3),
     "ease": dict(batch_size=64, num_epochs=200, learning_rate=1e-5),
+    "emmr": dict(batch_size=32, num_epochs=20, learning_rate=1e-3, task="classification"),
     "samlml": dict(num_epochs=100, weight_decay=0.01),
 }
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from mmjax.methods import baselines, ease, euar, samlml
+from mmjax.methods import baselines, ease, emmr, euar, samlml
 from mmjax.methods.base import Method, Stage, TaskSpec, flax_method, task_loss
 
 # name -> (builder, default model config)
@@ -17,6 +17,7 @@ REGISTRY: dict[str, tuple[Callable[..., Method], Callable[[], ml_collections.Con
     "euar": (euar.build, euar.default_config),
     "ease": (ease.build, ease.default_config),
     "samlml": (samlml.build, samlml.default_config),
+    "emmr": (emmr.build, emmr.default_config),
     "concat": (baselines.build_concat, baselines.default_config),
     "late_fusion": (baselines.build_late_fusion, baselines.default_config),
 }

@@ -1,6 +1,9 @@
 """Shared Flax building blocks: pooling, modality encoders, mixtures of (Gaussian) experts,
-a pre-LN Transformer encoder."""
+a pre-LN Transformer encoder, the encoder-decoders of EMMR's ensemble."""
 
+from mmjax.nn.encoder_decoders import (
+    CascadeResidualAutoencoder, MLPAutoencoder, TransformerEncoderDecoder)
 from mmjax.nn.encoders import PooledEncoder, encode_modalities, masked_mean_pool
 from mmjax.nn.moe import ExpertLayer, MixtureOfExperts
+from mmjax.nn.stacked import apply_stacked
 from mmjax.nn.transformer import TransformerBlock, TransformerEncoder

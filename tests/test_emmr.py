@@ -1,0 +1,354 @@
+"""Tests for EMMR (papers/002, SPEC §6.2): the two stages, reconstruction, the key-missing switch,
+the ensemble weights, the loss terms, determinism and the encoder-decoder blocks.
+
+Compilation dominates the run time: one two-stage :func:`mmjax.train.fit` (tiny widths, dropout 0,
+one device) is shared by the training tests; the evaluation-mode internals
+(:func:`emmr.diagnostics`) and the stage-2 loss are each jitted once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.data import Batch, Dataset
+from mmjax.methods import TaskSpec, build, default_model_config
+from mmjax.methods import emmr
+from mmjax.nn import MLPAutoencoder, apply_stacked
+from mmjax.train import data_mesh, default_train_config, fit
+
+# lambda_backward = 1 (paper: 0.1) makes the reconstruction effect large within a few epochs.
+SMALL = dict(hidden=8, num_heads=2, mlp_ratio=1, ae_hidden=(16, 8), num_residual_blocks=2,
+             dropout=0.0, pretrain_epochs=2, lambda_backward=1.0)
+MEMBERS = ("tf", "ae", "mmin")
+MAIN_TERMS = ({"cls", "forward", "backward", "semantic", "key_missing", "missing", "loss"}
+              | {f"{term}_{e}" for term in ("backward", "recovery") for e in MEMBERS})
+MODALITIES = ("text", "audio", "vision")
+
+
+def _config(**overrides):
+  config = default_model_config("emmr")
+  config.update(dict(SMALL, **overrides))
+  return config
+
+
+def _split(rng, n, weights, patterns):
+  """``n`` samples of 3 classes: modality ``m`` at step ``t`` reads ``[2 onehot(y), z] W_m +
+  pattern_m[t]`` plus step noise (``z`` 2-d, shared by the modalities): any two modalities predict
+  the class and ``z`` of the third; every modality has a sample-independent profile over time."""
+  y = rng.integers(0, 3, n)
+  latent = np.concatenate([2.0 * np.eye(3)[y], rng.normal(size=(n, 2))], axis=1)
+  features = {m: (latent @ w)[:, None, :] + pattern + 0.3 * rng.normal(size=(n,) + pattern.shape)
+              for m, w, pattern in zip(MODALITIES, weights, patterns)}
+  return Batch.create({m: x.astype(np.float32) for m, x in features.items()},
+                      y.astype(np.int32), task="classification", num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  """NumPy data (``make_synthetic`` would cost seconds of eager compiles): T = 4, D = 6, 5, 4."""
+  rng = np.random.default_rng(0)
+  weights = [rng.normal(size=(5, d)) / np.sqrt(5) for d in (6, 5, 4)]
+  patterns = [2.0 * rng.normal(size=(4, d)) for d in (6, 5, 4)]
+  return Dataset("toy", "classification", 3, {
+      s: _split(rng, n, weights, patterns)
+      for s, n in (("train", 192), ("valid", 64), ("test", 32))})
+
+
+@pytest.fixture(scope="module")
+def spec(dataset):
+  return TaskSpec.from_dataset(dataset)
+
+
+@pytest.fixture(scope="module")
+def method(spec):
+  return build("emmr", _config(), spec)
+
+
+def _train_config():
+  config = default_train_config()
+  config.update(dict(num_epochs=8, batch_size=32, learning_rate=1e-2, patience=0, progress=False))
+  return config
+
+
+def _fit(method, dataset):
+  return fit(method, dataset, _train_config(), mesh=data_mesh(jax.devices()[:1]),
+             log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def trained(method, dataset):
+  """The FitResult of 2 pretrain + 8 main epochs."""
+  return _fit(method, dataset)
+
+
+@pytest.fixture(scope="module")
+def pretrained_only(method, dataset):
+  """Stage "pretrain" alone, same seed: the parameters stage "main" starts from."""
+  return _fit(dataclasses.replace(method, stages=method.stages[:1]), dataset)
+
+
+@pytest.fixture(scope="module")
+def init_params(method, dataset):
+  """The parameters ``fit`` starts from (``init`` with ``fold_in(PRNGKey(0), 0)``)."""
+  example = dataset.splits["train"].take(np.arange(2))
+  return method.init(jax.random.fold_in(jax.random.PRNGKey(0), 0), example)[0]
+
+
+@pytest.fixture(scope="module")
+def diagnose(spec):
+  """:func:`emmr.diagnostics`, compiled without backend optimisation (a few calls only)."""
+  return jax.jit(lambda params, batch: emmr.diagnostics(params, batch, _config(), spec),
+                 compiler_options={"xla_backend_optimization_level": 0})
+
+
+@pytest.fixture(scope="module")
+def corrupted(dataset):
+  """The test split with sample ``i`` missing modality ``i % 4 - 1`` (none when ``i % 4 == 0``)."""
+  split = dataset.splits["test"]
+  drop = np.arange(split.batch_size) % 4 - 1
+  present = np.arange(3)[None] != drop[:, None]
+  features = {m: np.where(present[:, i, None, None], x, 0.0).astype(np.float32)
+              for i, (m, x) in enumerate(split.features.items())}
+  return split.replace(features=features, present=present)
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _numpy_autoencoder(params, x):
+  """Eq. 5 in NumPy: ReLU layers, the last decoder layer linear; returns (E, D)."""
+  dense = lambda p, h: h @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  encoders = sorted((k for k in params if k.startswith("encoder_")), key=lambda k: int(k[8:]))
+  decoders = sorted((k for k in params if k.startswith("decoder_")), key=lambda k: int(k[8:]))
+  h = x
+  for k in encoders:
+    h = np.maximum(dense(params[k], h), 0.0)
+  code = h
+  for k in decoders[:-1]:
+    h = np.maximum(dense(params[k], h), 0.0)
+  return code, dense(params[decoders[-1]], h)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def test_stage_one_parameters_are_frozen_in_stage_two(trained, pretrained_only, init_params):
+  after_stage_one = pretrained_only.state.params
+  final = trained.state.params
+  pairs = list(zip(jax.tree.leaves(after_stage_one["pretrained"]),
+                   jax.tree.leaves(final["pretrained"]),
+                   jax.tree.leaves(init_params["pretrained"]), strict=True))
+  assert all(np.array_equal(a, b) for a, b, _ in pairs)  # bit-identical after stage 2
+  assert all(not np.array_equal(a, c) for a, _, c in pairs)  # but trained in stage 1
+  # Stage 1 leaves the EMMR network at its initialisation ...
+  for a, b in zip(jax.tree.leaves(after_stage_one["emmr"]), jax.tree.leaves(init_params["emmr"]),
+                  strict=True):
+    assert np.array_equal(a, b)
+  # ... stage 2 trains every EMMR leaf except the unused MMIN encoder output (E^MMIN, eq. 6).
+  for path, leaf in jax.tree_util.tree_leaves_with_path(final["emmr"]):
+    unused = "encoder_decoders_mmin" in str(path) and "'code'" in str(path)
+    initial = init_params["emmr"]
+    for key in path:
+      initial = initial[key.key]
+    assert np.array_equal(leaf, initial) == unused, path
+
+
+def test_stage_layout_and_ablation_without_forward(method, spec, init_params):
+  assert [s.name for s in method.stages] == ["pretrain", "main"]
+  assert method.stages[0].num_epochs == SMALL["pretrain_epochs"]
+  assert method.stages[1].num_epochs is None
+  for stage, trains_pretrained in zip(method.stages, (True, False)):
+    mask = stage.trainable(init_params)
+    assert set(jax.tree.leaves(mask["pretrained"])) == {trains_pretrained}
+    assert set(jax.tree.leaves(mask["emmr"])) == {not trains_pretrained}
+  # Without L_forward the pre-trained network is unused: no stage 1.
+  assert [s.name for s in build("emmr", _config(use_forward=False), spec).stages] == ["main"]
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+
+def test_decoders_reduce_reconstruction_error_over_training(trained):
+  """``recovery_<e>``: the divergence on the dropped segments; ``backward_<e>``: on every step.
+
+  Only TF can reconstruct a dropped segment from the other modalities: its error there falls.
+  AE and MMIN act per step and see the zero segment (+ position embedding) only (docs/emmr.md,
+  "Decisions"): AE learns the identity on the present segments, so its whole-sequence error falls;
+  MMIN's residual cascade is near the identity from the start (``D = X + small residuals``), its
+  error is the dropped-segment floor throughout and is not asserted on.
+  """
+  main = [r for r in trained.history if r["stage"] == "main"]
+  first, last = main[0], main[-1]
+  assert last["train/recovery_tf"] < 0.6 * first["train/recovery_tf"], (first, last)
+  assert last["train/backward_ae"] < 0.6 * first["train/backward_ae"], (first, last)
+
+
+def test_diagnostics_recovery_error(trained, diagnose, corrupted):
+  out = jax.tree.map(lambda a: np.asarray(a, np.float64), diagnose(trained.state.params,
+                                                                   corrupted))
+  log_p = np.log(_softmax(out["decoded"]))  # [K, B, T, d]
+  log_q = np.log(_softmax(out["x_full"]))[None]
+  divergence = 0.5 * np.sum((np.exp(log_p) - np.exp(log_q)) * (log_p - log_q), -1)
+  dropped = ~np.asarray(corrupted.present)[:, np.repeat(np.arange(3), 4)]  # [B, T]
+  expected = (divergence * dropped).sum(-1) / np.maximum(dropped.sum(-1), 1)
+  np.testing.assert_allclose(out["recovery_error"], expected, rtol=1e-4, atol=1e-6)
+  # The recovered input keeps the present segments of X.
+  assert np.allclose(out["x"][~dropped], out["x_full"][~dropped], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- switch, ensemble
+
+
+@pytest.mark.parametrize("which", ["init", "trained"])
+def test_switch_routes_exactly_the_disagreeing_samples(which, trained, init_params, diagnose,
+                                                       corrupted):
+  params = init_params if which == "init" else trained.state.params
+  out = jax.tree.map(np.asarray, diagnose(params, corrupted))
+  present = np.asarray(corrupted.present)
+  full = out["full_logits"][0].argmax(-1)  # member 0 = TF, the backbone
+  pairs = out["loo_logits"][0].argmax(-1)  # [B, M]: the pair without modality k
+  expected = np.array([any(full[b] != pairs[b, k] for k in range(3) if not present[b, k])
+                       for b in range(len(full))])
+  np.testing.assert_array_equal(out["key_missing"], expected)
+  assert not expected[present.all(-1)].any()
+  if which == "init":  # untrained classifiers disagree often: both branches are exercised
+    assert 0 < expected.sum() < (~present.all(-1)).sum()
+  routed = np.where(expected[:, None], out["ensemble_logits"], out["backbone_logits"])
+  np.testing.assert_allclose(out["logits"], routed, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out["ensemble_logits"], out["backbone_logits"])
+
+
+def test_ensemble_weights_follow_eq_10_to_12(trained, diagnose, corrupted):
+  out = jax.tree.map(lambda a: np.asarray(a, np.float64), diagnose(trained.state.params,
+                                                                   corrupted))
+  loo = out["loo_logits"]  # [K, B, M, C]
+  alpha = _softmax(_softmax(loo).max(-1))
+  np.testing.assert_allclose(out["alpha"], alpha, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["alpha"].sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(out["beta"].sum(-1), 1.0, rtol=1e-6)
+  assert (out["beta"] > 0).all()
+  e_key = (alpha[..., None] * loo).reshape(loo.shape[:2] + (-1,))
+  np.testing.assert_allclose(out["e_key"], e_key, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["r"], np.einsum("bk,kbw->bw", out["beta"], e_key), rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion, expected", [
+    ("max", [[3.0, 1.0]]),
+    ("average", [[1.0, 0.0]]),
+])
+def test_fusion_alternatives(fusion, expected):
+  e_key = jnp.array([[[3.0, -1.0]], [[-1.0, 1.0]]])  # [K=2, B=1, W=2]
+  r, beta = emmr.fuse(e_key, fusion)
+  np.testing.assert_allclose(r, expected)
+  assert beta is None
+
+
+def test_attention_fusion_weights():
+  e_key = jnp.array([[[3.0, -1.0]], [[-1.0, 1.0]]])
+  r, beta = emmr.fuse(e_key, "attention", jnp.array([[np.log(3.0)], [0.0]]))
+  np.testing.assert_allclose(beta, [[0.75, 0.25]], rtol=1e-6)
+  np.testing.assert_allclose(r, [[0.75 * 3 - 0.25, -0.75 + 0.25]], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- losses, seeds
+
+
+def test_every_loss_term_finite_and_reported(trained):
+  weights = {"cls": 1.0, "forward": 0.1, "backward": SMALL["lambda_backward"], "semantic": 1.0}
+  for record in trained.history:
+    terms = MAIN_TERMS if record["stage"] == "main" else {"task", "loss"}
+    train = {k[6:]: v for k, v in record.items() if k.startswith("train/")}
+    assert set(train) == terms | {"grad_norm"}, record["stage"]
+    assert all(np.isfinite(v) for v in train.values()), train
+    if record["stage"] == "main":  # epoch means of a linear combination: the same combination
+      np.testing.assert_allclose(train["loss"], sum(w * train[k] for k, w in weights.items()),
+                                 rtol=1e-5)
+      np.testing.assert_allclose(train["backward"],
+                                 np.mean([train[f"backward_{e}"] for e in MEMBERS]), rtol=1e-5)
+      # drop_one_modality at train_missing_ratio = 0.5 on complete data: half the samples.
+      assert abs(train["missing"] - 0.5) < 0.15
+  main = [r for r in trained.history if r["stage"] == "main"]
+  assert main[-1]["train/cls"] < 0.5 * main[0]["train/cls"]
+
+
+def test_same_seed_same_metrics(trained, pretrained_only):
+  """The stage-1 refit with the same seed repeats the first stage bit for bit."""
+  without_time = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  assert without_time(pretrained_only.history) == without_time(
+      [r for r in trained.history if r["stage"] == "pretrain"])
+
+
+# ----------------------------------------------------------------------------- config, blocks
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(members="ae,mmin"), "model.members"),
+    (dict(members="tf,tf"), "model.members"),
+    (dict(members="tf,vae"), "model.members"),
+    (dict(fusion="sum"), "model.fusion"),
+    (dict(num_heads=3), "model.num_heads"),
+    (dict(train_missing_ratio=1.5), "model.train_missing_ratio"),
+    (dict(pretrain_epochs=0), "model.pretrain_epochs"),
+    (dict(lambda_backward=-1.0), "model.lambda_backward"),
+])
+def test_bad_config(overrides, match, spec):
+  with pytest.raises(ValueError, match=match):
+    build("emmr", _config(**overrides), spec)
+
+
+def test_regression_data_is_rejected(spec):
+  regression = TaskSpec("regression", None, spec.modalities, spec.feature_shapes)
+  with pytest.raises(ValueError, match="task"):
+    build("emmr", _config(), regression)
+
+
+def test_autoencoder_widths_are_the_papers():
+  """Eq. 5 at d = 300: FC layers [300, 256, 128, 64, 128, 256, 300], E = the 64-wide layer."""
+  x = jax.ShapeDtypeStruct((2, 300), jnp.float32)
+  params = jax.eval_shape(MLPAutoencoder().init, jax.random.key(0), x)["params"]
+  kernels = [params[f"encoder_{i}"]["kernel"].shape for i in range(4)] + [
+      params[f"decoder_{i}"]["kernel"].shape for i in range(3)]
+  assert kernels == [(300, 300), (300, 256), (256, 128), (128, 64), (64, 128), (128, 256),
+                     (256, 300)]
+  code, decoded = jax.eval_shape(MLPAutoencoder().apply, {"params": params}, x)
+  assert code.shape == (2, 64) and decoded.shape == (2, 300)
+
+
+def test_ae_and_mmin_decoders_follow_eq_5_and_6(trained, diagnose, corrupted):
+  """The members' decoder outputs recomputed in NumPy from ``X`` and the trained parameters: AE
+  ``D = h_7`` (eq. 5); MMIN ``D = X + sum_i X'_i``, block ``i`` reading ``X + sum_{j<i} X'_j``."""
+  out = jax.tree.map(lambda a: np.asarray(a, np.float64), diagnose(trained.state.params,
+                                                                   corrupted))
+  params = trained.state.params["emmr"]
+  x = out["x"]
+  _, ae = _numpy_autoencoder(params["encoder_decoders_ae"], x)
+  np.testing.assert_allclose(out["decoded"][1], ae, rtol=1e-4, atol=1e-4)
+  h = x
+  for i in range(SMALL["num_residual_blocks"]):
+    block = jax.tree.map(lambda a, i=i: a[i], params["encoder_decoders_mmin"]["blocks"])
+    h = h + _numpy_autoencoder(block, h)[1]
+  np.testing.assert_allclose(out["decoded"][2], h, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_stacked_equals_separate_modules():
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return apply_stacked(nn.Dense(2, name="dense"), 3, x)
+
+  x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+  out, params = jax.jit(lambda x: Stack().init_with_output(jax.random.key(1), x))(x)
+  params = params["params"]["dense"]
+  for s in range(3):
+    np.testing.assert_allclose(out[s], x[s] @ params["kernel"][s] + params["bias"][s], rtol=1e-5,
+                               atol=1e-6)
+  assert not np.allclose(params["kernel"][0], params["kernel"][1])  # independent copies
