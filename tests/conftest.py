@@ -1,8 +1,13 @@
 """Test configuration: four forced CPU devices so data-parallel code is exercised on one host.
 
-The flags must be set before JAX is imported anywhere in the test process. A fresh persistent
-compilation cache per test session (inherited by the launcher subprocesses) lets the many runs of
-one model — same-seed, resume, one-vs-four-device checks — compile once instead of every time.
+The flags must be set before JAX is imported anywhere in the test process. The suite is dominated
+by compilation of many small models, so two settings trade run-time speed for compile speed (tests
+and subprocesses they start only; the library and launchers are untouched):
+
+* ``--xla_backend_optimization_level=0`` (``TEST_XLA_FLAGS``, also used by the subprocess tests):
+  ~20 % less wall time for the suite's heavy files;
+* a fresh persistent compilation cache per test session (inherited by the launcher subprocesses),
+  so the many runs of one model — same-seed, resume, one-vs-four-device checks — compile once.
 """
 
 import atexit
@@ -10,7 +15,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from tests.helpers.xla import TEST_XLA_FLAGS  # pylint: disable=wrong-import-position
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

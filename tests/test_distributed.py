@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.helpers.xla import TEST_XLA_FLAGS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,8 @@ def free_port():
 
 def launch(args, devices_per_process):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
+                       f"{TEST_XLA_FLAGS}")
   return subprocess.Popen([sys.executable, "-m", "tests.helpers.distributed_worker", *args],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)

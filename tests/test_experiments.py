@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.xla import TEST_XLA_FLAGS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(module, *args, cwd=REPO):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}")
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
