@@ -36,7 +36,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size B (the paper's 
 # --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
 # flags (--devices, --experts, ...) are ignored here.
 # pylint: disable-next=protected-access
-_REPEATS, _WARMUP, _OUTPUT = shared._REPEATS, shared._WARMUP, shared._OUTPUT
+_REPEATS, _WARMUP = shared._REPEATS, shared._WARMUP
 
 
 def make_dataset(batch_size: int):
@@ -90,22 +90,15 @@ def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], b
     lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['pretrained_params']:,} "
                  f"| {r['train_first_s']:.2f} | {1e3 * r['train_step_s']:.1f} "
                  f"| {r['eval_first_s']:.2f} | {1e3 * r['eval_step_s']:.1f} |")
-  dims = shared.FEATURE_DIMS
-  lines += ["", f"B = {batch_size}; text [B, {shared.SEQ_LEN}, {dims['text']}], audio [B, "
-            f"{shared.SEQ_LEN}, {dims['audio']}], vision [B, {shared.SEQ_LEN}, {dims['vision']}], "
-            f"3 classes; stage-2 train step; one device. ms/step = median of {repeats} calls "
-            f"after {warmup} warm-up calls. Machine: {machine['nproc']} CPUs ({machine['cpu']}), "
-            f"jax {machine['jax']}, platform {machine['platform']}; 1-min load average "
-            f"{load[0]:.2f} before, {load[1]:.2f} after."]
+  lines += ["", shared.step_table_footer(batch_size, "3 classes; stage-2 train step", warmup,
+                                         repeats, machine, load)]
   return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _REPEATS.value < 1 or _WARMUP.value < 0:
-    raise app.UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {_REPEATS.value}, "
-                         f"{_WARMUP.value}")
+  shared.check_timing_flags()
   known = {"tf", "tf+ae", "tf+mmin", "tf+ae+mmin"}
   if set(_CASES.value) - known:
     raise app.UsageError(f"--cases: expected some of {sorted(known)}, got {_CASES.value}")
@@ -117,10 +110,7 @@ def main(argv: Sequence[str]) -> None:
     results.append(result)
   table = markdown_table(results, shared.machine_info(), _BATCH_SIZE.value, _WARMUP.value,
                          _REPEATS.value, (load_before, os.getloadavg()[0]))
-  print(table)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(table)
+  shared.write_table(table)
 
 
 if __name__ == "__main__":

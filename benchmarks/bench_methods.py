@@ -37,7 +37,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size B.", lower_boun
 # --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
 # flags (--devices, --experts, ...) are ignored here.
 # pylint: disable-next=protected-access
-_REPEATS, _WARMUP, _OUTPUT = shared._REPEATS, shared._WARMUP, shared._OUTPUT
+_REPEATS, _WARMUP = shared._REPEATS, shared._WARMUP
 
 
 def parse_case(case: str) -> tuple[str, dict[str, Any]]:
@@ -94,22 +94,15 @@ def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], b
     lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['train_first_s']:.2f} "
                  f"| {1e3 * r['train_step_s']:.1f} | {r['eval_first_s']:.2f} "
                  f"| {1e3 * r['eval_step_s']:.1f} |")
-  dims = shared.FEATURE_DIMS
-  lines += ["", f"B = {batch_size}; text [B, {shared.SEQ_LEN}, {dims['text']}], audio [B, "
-            f"{shared.SEQ_LEN}, {dims['audio']}], vision [B, {shared.SEQ_LEN}, {dims['vision']}], "
-            f"regression; one device. ms/step = median of {repeats} calls after {warmup} warm-up "
-            f"calls. Machine: {machine['nproc']} CPUs ({machine['cpu']}), jax {machine['jax']}, "
-            f"platform {machine['platform']}; 1-min load average {load[0]:.2f} before, "
-            f"{load[1]:.2f} after."]
+  lines += ["", shared.step_table_footer(batch_size, "regression", warmup, repeats, machine,
+                                         load)]
   return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _REPEATS.value < 1 or _WARMUP.value < 0:
-    raise app.UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {_REPEATS.value}, "
-                         f"{_WARMUP.value}")
+  shared.check_timing_flags()
   load_before = os.getloadavg()[0]
   results = []
   for case in _CASES.value:
@@ -118,10 +111,7 @@ def main(argv: Sequence[str]) -> None:
     results.append(result)
   table = markdown_table(results, shared.machine_info(), _BATCH_SIZE.value, _WARMUP.value,
                          _REPEATS.value, (load_before, os.getloadavg()[0]))
-  print(table)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(table)
+  shared.write_table(table)
 
 
 if __name__ == "__main__":

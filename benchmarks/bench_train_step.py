@@ -226,6 +226,30 @@ def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], *
   return "\n".join(lines) + "\n"
 
 
+def step_table_footer(batch_size: int, labels: str, warmup: int, repeats: int,
+                      machine: dict[str, Any], load: tuple[float, float]) -> str:
+  """The line under a one-device step-time table (bench_methods, bench_emmr): shapes, timing, machine."""
+  return (f"B = {batch_size}; text [B, {SEQ_LEN}, {FEATURE_DIMS['text']}], audio [B, {SEQ_LEN}, "
+          f"{FEATURE_DIMS['audio']}], vision [B, {SEQ_LEN}, {FEATURE_DIMS['vision']}], {labels}; "
+          f"one device. ms/step = median of {repeats} calls after {warmup} warm-up calls. "
+          f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), jax {machine['jax']}, platform "
+          f"{machine['platform']}; 1-min load average {load[0]:.2f} before, {load[1]:.2f} after.")
+
+
+def check_timing_flags() -> None:
+  if _REPEATS.value < 1 or _WARMUP.value < 0:
+    raise app.UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {_REPEATS.value}, "
+                         f"{_WARMUP.value}")
+
+
+def write_table(table: str) -> None:
+  """Prints ``table`` and writes it to ``--output`` when given."""
+  print(table)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(table)
+
+
 def _ints(flag: flags.FlagHolder, minimum: int = 1) -> list[int]:
   try:
     values = [int(v) for v in flag.value]
@@ -239,9 +263,7 @@ def _ints(flag: flags.FlagHolder, minimum: int = 1) -> list[int]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _REPEATS.value < 1 or _WARMUP.value < 0:
-    raise app.UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {_REPEATS.value}, "
-                         f"{_WARMUP.value}")
+  check_timing_flags()
   if set(_MODES.value) - {"dense", "sparse"}:
     raise app.UsageError(f"--modes: expected dense and/or sparse, got {_MODES.value}")
   devices = _ints(_DEVICES)
@@ -265,10 +287,7 @@ def main(argv: Sequence[str]) -> None:
   table = markdown_table(results, machine, warmup=_WARMUP.value, repeats=_REPEATS.value,
                          seconds=time.perf_counter() - start,
                          load=(load_before, os.getloadavg()[0]))
-  print(table)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(table)
+  write_table(table)
 
 
 if __name__ == "__main__":
