@@ -71,6 +71,26 @@ def test_robustness_launcher_writes_consistent_results(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == results["per_seed"]
 
 
+def test_robustness_launcher_matched_protocol(tmp_path):
+  """``--matched``: one model per level under ``<seed>/matched_<protocol>/<level>``; concat's loss
+  has no randomness, so its level-0 model is the clean model and both rows agree exactly."""
+  result = run("experiments.robustness", f"--workdir={tmp_path}", "--methods=concat", "--seeds=1",
+               "--protocols=missing_rate", "--matched=missing_rate", "--config.num_epochs=1",
+               "--config.batch_size=64", "--noplots")
+  assert result.returncode == 0, result.stderr[-2000:]
+  run_ = json.loads((tmp_path / "results.json").read_text())["per_seed"]["concat"][0]
+  matched = run_["matched_missing_rate"]
+  assert list(matched) == ["0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "mean"]
+  assert matched["0"] == run_["missing_rate"]["0"]
+  # Training at a non-zero missing rate gives another model than the clean one.
+  assert matched["0.7"]["mae"] != run_["missing_rate"]["0.7"]["mae"]
+  levels = sorted(p.name for p in (tmp_path / "concat" / "seed0" / "matched_missing_rate").iterdir())
+  assert levels == ["0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"]
+  bad = run("experiments.robustness", f"--workdir={tmp_path / 'bad'}", "--matched=fixed_subsets")
+  assert bad.returncode != 0
+  assert "error: --matched: ['fixed_subsets'] have no numeric levels" in bad.stderr
+
+
 @pytest.mark.parametrize("method,batch_size,learning_rate,num_epochs", [
     ("euar", 16, 1e-3, 100), ("ease", 64, 1e-5, 200), ("concat", 16, 1e-3, 100),
     ("samlml", 48, 1e-5, 100), ("emmr", 32, 1e-3, 20)])
