@@ -104,12 +104,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | None, *, resume: boo
           log=print) -> tuple[methods.Method, data_lib.Dataset, FitResult]:
   """Trains ``method`` (default: built from ``config``) on ``dataset`` (default: loaded from
   ``config``); writes ``config.json`` to ``workdir``."""
+  check_config(config)
   if dataset is None:
-    dataset, built = prepare(config)
-  else:
-    check_config(config)
-    built = build_method(config, dataset) if method is None else None
-  method = built if method is None else method
+    dataset = load_data(config)
+  if method is None:
+    method = build_method(config, dataset)
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
