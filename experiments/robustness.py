@@ -6,9 +6,14 @@ Writes ``results.json`` (every metric, every seed), ``results.md`` (mean ± std 
 PNG curve per protocol under ``--workdir``; prints the Markdown table. A seed whose training finished
 earlier in the same workdir is not retrained: its best checkpoint is loaded (``--resume`` semantics).
 
+Every model trains with ``--config.train_corruption`` (default ``method``: each method's own paper
+regime; ``fair`` or any spec gives every method the same corrupted training data, see
+``mmjax.data.train_corruption``); the test protocols are then swept over those models.
+
 ``--matched=missing_rate,mix`` adds SAM-LML's protocol (App. A.5): per level one more model, trained
-and validated on data corrupted at that level (``<workdir>/<method>/seed<s>/matched_<protocol>/<level>``),
-reported as protocol ``matched_<protocol>``.
+with ``train_corruption = "<protocol>:<level>"`` and validated on data corrupted at that level
+(``<workdir>/<method>/seed<s>/matched_<protocol>/<level>``), reported as protocol
+``matched_<protocol>``.
 """
 
 import dataclasses
@@ -28,7 +33,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 _METHODS = flags.DEFINE_list("methods", ["euar", "concat"], "Methods to compare.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds per method (0 .. seeds-1).", lower_bound=1)
 _PROTOCOLS = flags.DEFINE_list(
-    "protocols", ["missing_rate", "fixed_subsets", "gaussian", "salt_pepper", "mix"],
+    "protocols", ["missing_rate", "fixed_subsets", "sample_gaussian", "gaussian", "salt_pepper",
+                  "mix"],
     "Protocols to sweep (see mmjax.robustness).")
 _NOISE_MODALITIES = flags.DEFINE_list(
     "noise_modalities", [], "Modalities the noise protocols corrupt (default: all).")
@@ -53,14 +59,14 @@ def _prepare(base):
     unknown = sorted(set(noise) - set(dataset.modalities))
     if unknown:
       raise ValueError(f"--noise_modalities: unknown {unknown}; the data has {list(dataset.modalities)}")
-  available = robustness.protocols(dataset.modalities, noise)
+  available = robustness.protocols(dataset.modalities, noise, base.noisy_view_fraction)
   chosen = robustness.select(_PROTOCOLS.value, available)
   matched = robustness.select(_MATCHED.value, available)
-  tuple_levels = [p.name for p in matched if isinstance(p.levels[0], tuple)]
+  tuple_levels = [p.name for p in matched if not p.numeric]
   if tuple_levels:
     raise ValueError(f"--matched: {tuple_levels} have no numeric levels to train at")
   for name, config in configs.items():
-    experiment.build_method(config, dataset)  # model config errors surface now
+    experiment.check_method(config, dataset)  # model and train-corruption errors surface now
   return dataset, chosen, matched, configs
 
 
@@ -88,11 +94,12 @@ def main(argv):
       for protocol in matched:
         def fit_level(level, data, protocol=protocol, method=method, name=name, seed=seed):
           level_dir = os.path.join(workdir, f"matched_{protocol.name}", robustness.level_name(level))
-          trained = robustness.matched_training(method, protocol, level)
+          level_config = config.copy_and_resolve_references()
+          level_config.train_corruption = robustness.matched_corruption(protocol, level)
           _, _, fitted = experiment.train(
-              config, level_dir, resume=True, dataset=data, method=trained,
+              level_config, level_dir, resume=True, dataset=data, method=method,
               log=lambda line: print(f"[{name} s{seed} {protocol.name}={level}] {line}"))
-          return _predictor(trained, fitted.state, config)
+          return _predictor(method, fitted.state, config)
         run[f"matched_{protocol.name}"] = robustness.matched_sweep(
             fit_level, dataset, protocol, key, split_metrics)
       runs.append(run)
@@ -102,9 +109,11 @@ def main(argv):
   robustness.write_json(os.path.join(_WORKDIR.value, "results.json"),
                         {"dataset": dataset.name, "seeds": _SEEDS.value, "per_seed": per_method,
                          "summary": summary})
-  table = robustness.markdown_table(summary, dataset.task)
+  gains = robustness.gain_table(summary, dataset.task)
+  table = (gains + "\n" if gains else "") + robustness.markdown_table(summary, dataset.task)
   with open(os.path.join(_WORKDIR.value, "results.md"), "w") as f:
-    f.write(f"# Robustness on {dataset.name} ({_SEEDS.value} seeds, mean ± std)\n\n{table}")
+    f.write(f"# Robustness on {dataset.name} ({_SEEDS.value} seeds, mean ± std; "
+            f"train_corruption={base.train_corruption!r})\n\n{table}")
   print(table)
   if _PLOTS.value:
     curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}") for p in matched]

@@ -14,7 +14,7 @@ import ml_collections
 
 from mmjax import data as data_lib
 from mmjax import methods
-from mmjax.train import FitResult, default_train_config, fit
+from mmjax.train import FitResult, default_train_config, fit, train_corruption
 
 
 def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collections.ConfigDict:
@@ -61,7 +61,7 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, method
   input happens here, before any training."""
   check_config(config)
   dataset = load_data(config)
-  return dataset, build_method(config, dataset)
+  return dataset, check_method(config, dataset)
 
 
 def exit_on_bad_input(step: Callable[..., object]) -> Callable[..., object]:
@@ -97,6 +97,14 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
 
 def build_method(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> methods.Method:
   return methods.build(config.method, config.model, methods.TaskSpec.from_dataset(dataset))
+
+
+def check_method(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> methods.Method:
+  """Builds the method and parses ``config.train_corruption`` for it: both fail here, naming the
+  field, rather than after compilation."""
+  method = build_method(config, dataset)
+  train_corruption(method, dataset, config)
+  return method
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | None, *, resume: bool = False,

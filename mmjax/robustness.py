@@ -1,28 +1,18 @@
 """Robustness protocols as sweeps: corrupt the test split level by level and measure the paper metrics.
 
-A :class:`Protocol` is one corruption function of :mod:`mmjax.data` and the levels the papers sweep:
-
-===================  ========================================  ==========================
-protocol             levels (default)                          source
-===================  ========================================  ==========================
-``missing_rate``     ``drop_modalities`` MR 0.0 ... 0.7        SAM-LML eq. 34, App. A.5
-``fixed_subsets``    ``keep_modalities``: the 2^M - 1 subsets  EUAR Table 2, EASE Table 3
-``drop_one``         ``drop_one_modality`` ratio 0.0 ... 0.5   EMMR Table 1
-``time_mask``        ``mask_time_steps`` rate 0.0 ... 0.9      EASE §4.3
-``gaussian``         ``gaussian_noise`` variance 0 ... 4       EUAR Table 3
-``salt_pepper``      ``salt_pepper_noise`` amount 0 ... 0.4    EUAR Table 3
-``mix``              ``mix_noise`` NR 0.0 ... 0.7              SAM-LML eq. 35
-``laplace_erasing``  ``laplace_or_erasing`` NR 0.0 ... 0.7     SAM-LML App. A.14
-===================  ========================================  ==========================
+The protocols and their levels are the table of :mod:`mmjax.data.protocols` (re-exported here:
+:class:`Protocol`, :func:`protocols`, :func:`select`, :func:`level_name`).
 
 Corruption is applied to the (standardised) test features with a key derived from the seed, the
 protocol and the level, so every method sees the same corrupted samples for a given seed.
 
-:func:`sweep` corrupts only the test split of a model trained on clean data. :func:`matched_sweep`
-is SAM-LML's protocol (App. A.5: "the same missing rate configuration is applied across the
-training, validation, and test phases"): one model per level, trained with every training batch
-corrupted at that level (:func:`matched_training`, a fresh key per step) and selected on a
-validation split corrupted at that level, then tested at that level.
+:func:`sweep` corrupts only the test split of a trained model — trained on clean data, or with the
+train-time corruption of ``config.train_corruption`` (:mod:`mmjax.data.train_corruption`), which
+the fair comparisons give every method alike. :func:`matched_sweep` is SAM-LML's protocol (App.
+A.5: "the same missing rate configuration is applied across the training, validation, and test
+phases"): one model per level, trained with ``config.train_corruption = "<protocol>:<level>"``
+(:func:`matched_corruption`: every training batch corrupted at that level, fresh draws per step)
+and selected on a validation split corrupted at that level, then tested at that level.
 """
 
 from __future__ import annotations
@@ -38,60 +28,15 @@ import jax
 import numpy as np
 
 from mmjax import data as data_lib
-from mmjax.methods import Method
+from mmjax.data.protocols import Protocol, level_name, protocols, select
 
-NOISE_VARIANCES = (0.0, 0.5, 1.0, 2.0, 4.0)
-SALT_PEPPER_AMOUNTS = (0.0, 0.05, 0.1, 0.2, 0.4)
-RATES_07 = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-RATES_09 = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-RATIOS_05 = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+__all__ = ["Protocol", "protocols", "select", "level_name", "sweep", "corrupt",
+           "matched_corruption", "matched_sweep", "aggregate", "markdown_table", "plot_curves",
+           "write_json"]
 
 # The metric plotted and shown first for each task.
 HEADLINE = {"regression": ("mae", "acc2_non0", "f1_non0", "acc7", "corr"),
             "classification": ("accuracy", "macro_f1")}
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-  """``apply(key, batch, level) -> batch`` swept over ``levels``; ``axis`` labels the plot."""
-
-  name: str
-  levels: tuple[Any, ...]
-  apply: Callable[[jax.Array, data_lib.Batch, Any], data_lib.Batch]
-  axis: str
-
-
-def protocols(modalities: Sequence[str], noise_modalities: Sequence[str] | None = None
-              ) -> dict[str, Protocol]:
-  """Every sweep of the module table for data with ``modalities``; noise hits ``noise_modalities``
-  (default: all)."""
-  noisy = tuple(noise_modalities) if noise_modalities else None
-  table = [
-      Protocol("missing_rate", RATES_07, data_lib.drop_modalities, "missing rate"),
-      Protocol("fixed_subsets", tuple(data_lib.modality_subsets(modalities)),
-               lambda key, b, subset: data_lib.keep_modalities(b, subset), "available modalities"),
-      Protocol("drop_one", RATIOS_05, data_lib.drop_one_modality, "missing ratio"),
-      Protocol("time_mask", RATES_09, data_lib.mask_time_steps, "masked time-step rate"),
-      Protocol("gaussian", NOISE_VARIANCES,
-               lambda key, b, v: data_lib.gaussian_noise(key, b, v, noisy), "noise variance"),
-      Protocol("salt_pepper", SALT_PEPPER_AMOUNTS,
-               lambda key, b, a: data_lib.salt_pepper_noise(key, b, a, noisy), "corrupted fraction"),
-      Protocol("mix", RATES_07, lambda key, b, r: data_lib.mix_noise(key, b, r, noisy), "noise rate"),
-      Protocol("laplace_erasing", RATES_07,
-               lambda key, b, r: data_lib.laplace_or_erasing(key, b, r, noisy), "noise rate"),
-  ]
-  return {p.name: p for p in table}
-
-
-def select(names: Sequence[str], available: dict[str, Protocol]) -> list[Protocol]:
-  unknown = [n for n in names if n not in available]
-  if unknown:
-    raise ValueError(f"protocols: unknown {unknown}; available: {sorted(available)}")
-  return [available[n] for n in names]
-
-
-def level_name(level: Any) -> str:
-  return "+".join(level) if isinstance(level, tuple) else f"{level:g}"
 
 
 # Pseudo-level holding, for numeric sweeps, each metric averaged over all levels (per seed).
@@ -132,22 +77,10 @@ def corrupt(split: data_lib.Batch, protocol: Protocol, level: Any, key: jax.Arra
   return jax.tree.map(np.asarray, protocol.apply(level_key, split, level))
 
 
-def matched_training(method: Method, protocol: Protocol, level: Any) -> Method:
-  """``method`` whose training losses (every stage's) see each batch corrupted by ``protocol`` at
-  ``level``, with a key split from the step key; evaluation (``predict``, ``train=False``) is
-  unchanged."""
-
-  def wrap(loss):
-    def corrupted_loss(params, state, batch, key, train):
-      if train:
-        key, corrupt_key = jax.random.split(key)
-        batch = protocol.apply(corrupt_key, batch, level)
-      return loss(params, state, batch, key, train)
-    return corrupted_loss
-
-  return dataclasses.replace(
-      method, loss=wrap(method.loss),
-      stages=tuple(dataclasses.replace(stage, loss=wrap(stage.loss)) for stage in method.stages))
+def matched_corruption(protocol: Protocol, level: Any) -> str:
+  """The ``config.train_corruption`` of SAM-LML's matched protocol: ``protocol`` at a constant
+  ``level`` on every training sample (fresh draws every step, from the step key)."""
+  return f"{protocol.name}:{level_name(level)}"
 
 
 def matched_sweep(
@@ -161,13 +94,14 @@ def matched_sweep(
 
   Args:
     fit_level: ``fit_level(level, dataset) -> predict_fn`` trains on ``dataset`` (whose valid split
-      is already corrupted at ``level``) with :func:`matched_training` and returns its predictor.
+      is already corrupted at ``level``) with ``config.train_corruption =
+      matched_corruption(protocol, level)`` and returns its predictor.
     dataset: the clean dataset.
     protocol: a numeric protocol.
     key: the seed's key; the test corruption equals :func:`sweep`'s for the same key.
     metrics_fn: ``(predictions, labels, task) -> metrics``.
   """
-  if isinstance(protocol.levels[0], tuple):
+  if not protocol.numeric:
     raise ValueError(f"--matched: {protocol.name!r} has no numeric levels to train at")
   test = dataset.splits["test"]
   results = {}
@@ -183,7 +117,7 @@ def matched_sweep(
 
 def _add_mean(results: dict[str, dict[str, float]], protocol: Protocol) -> None:
   """Adds the ``"mean"`` pseudo-level to a numeric sweep (EASE Table 1 averages over rates)."""
-  if not isinstance(protocol.levels[0], tuple):
+  if protocol.numeric:
     levels = [results[level_name(level)] for level in protocol.levels]
     results[MEAN_LEVEL] = {m: float(np.mean([r[m] for r in levels])) for m in levels[0]}
 
@@ -199,6 +133,34 @@ def aggregate(per_seed: list[dict[str, dict[str, dict[str, float]]]]
           m: (float(np.mean(v := [r[protocol][level][m] for r in per_seed])), float(np.std(v)))
           for m in metrics}
   return out
+
+
+def gain_table(summary: dict[str, dict[str, Any]], task: str, reference: str = "concat") -> str:
+  """What each method buys over ``reference``: per protocol, the headline metric at level 0 (clean)
+  and averaged over the levels (``"mean"``), mean ± std over seeds, and the difference of the
+  means to ``reference`` (higher is better for every metric but MAE). ``""`` without ``reference``.
+  """
+  if reference not in summary:
+    return ""
+  metric = HEADLINE[task][0]
+  percent = metric not in ("mae", "corr")
+  scale = 100.0 if percent else 1.0
+  lines = [f"### {metric}: clean and mean over levels, Δ = difference to {reference}", "",
+           "| protocol | method | clean | Δ clean | mean over levels | Δ mean |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  ref = summary[reference]
+  for protocol, levels in ref.items():
+    if MEAN_LEVEL not in levels:
+      continue
+    clean = next(iter(levels))
+    for method, result in summary.items():
+      cells = []
+      for level in (clean, MEAN_LEVEL):
+        mean, std = result[protocol][level][metric]
+        delta = scale * (mean - ref[protocol][level][metric][0])
+        cells += [_pm(mean, std, percent=percent), f"{delta:+.2f}" if percent else f"{delta:+.3f}"]
+      lines.append(f"| {protocol} | {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines + [""])
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], task: str) -> str:

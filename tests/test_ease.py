@@ -269,7 +269,6 @@ def test_classification_uses_the_task_classes(dataset):
 
 @pytest.mark.parametrize("overrides, field", [
     ({"num_heads": 3}, "num_heads"),
-    ({"train_missing_rate": 1.5}, "train_missing_rate"),
     ({"anchor_momentum": 1.0}, "anchor_momentum"),
     ({"num_views": 1}, "num_views"),
 ])

@@ -274,7 +274,7 @@ def test_every_loss_term_finite_and_reported(trained):
                                  rtol=1e-5)
       np.testing.assert_allclose(train["backward"],
                                  np.mean([train[f"backward_{e}"] for e in MEMBERS]), rtol=1e-5)
-      # drop_one_modality at train_missing_ratio = 0.5 on complete data: half the samples.
+      # EMMR's train-time corruption (drop_one:0.5) on complete data: half the samples.
       assert abs(train["missing"] - 0.5) < 0.15
   main = [r for r in trained.history if r["stage"] == "main"]
   assert main[-1]["train/cls"] < 0.5 * main[0]["train/cls"]
@@ -296,7 +296,6 @@ def test_same_seed_same_metrics(trained, pretrained_only):
     (dict(members="tf,vae"), "model.members"),
     (dict(fusion="sum"), "model.fusion"),
     (dict(num_heads=3), "model.num_heads"),
-    (dict(train_missing_ratio=1.5), "model.train_missing_ratio"),
     (dict(pretrain_epochs=0), "model.pretrain_epochs"),
     (dict(lambda_backward=-1.0), "model.lambda_backward"),
 ])

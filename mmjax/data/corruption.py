@@ -12,6 +12,8 @@ protocol                                            source
 ``mask_time_steps(key, batch, rate)``               EASE §4.3 (LNLN intra-modal protocol)
 ``gaussian_noise(key, batch, variance, ...)``       EUAR Table 3 / supplement
 ``salt_pepper_noise(key, batch, amount, ...)``      EUAR Table 3 / supplement
+``samplewise_gaussian_noise(key, batch, std, ...)`` EUAR Fig. 1 sample-wise noise; TMC / QMF
+``samplewise_salt_pepper_noise(key, batch, ...)``   the same with salt-and-pepper noise
 ``mix_noise(key, batch, rate, ...)``                SAM-LML eq. 35 (noisy rate NR)
 ``laplace_noise(key, batch, scale, ...)``           SAM-LML App. A.14
 ``random_erasing(key, batch, rate, ...)``           SAM-LML App. A.14
@@ -31,11 +33,16 @@ Conventions (see ``docs/protocols.md`` for the reasoning):
   index in ``batch.modalities``, so a modality's noise does not depend on which other modalities
   are listed. Noise is drawn in float32 and the result cast back to the features' dtype.
   Same key -> same output.
-* **jit.** Strength arguments (rates, ``variance``, ``scale``, ``amount``) may be traced: one
-  compiled function serves a whole sweep. ``modalities`` / ``subset`` are modality names and must
+* **Levels.** Strength arguments (rates, ``variance``, ``scale``, ``amount``, ``std``) are a
+  scalar, a per-sample ``[B]`` array (the train-time corruption draws one level per sample,
+  :mod:`mmjax.data.train_corruption`) or, for the value-level protocols, a per-sample-and-modality
+  ``[B, M]`` array. A constant array gives exactly the scalar's output (the random draws do not
+  depend on the level's shape), and level 0 is the identity for every protocol.
+* **jit.** Strength arguments may be traced: one compiled function serves a whole sweep. ``modalities`` / ``subset`` are modality names and must
   be static, e.g. ``jax.jit(gaussian_noise, static_argnames="modalities")``.
-* **Errors.** A strength outside its range raises ``ValueError`` naming the argument when its value
-  is concrete (Python number or concrete array; traced values cannot be checked). Unknown modality
+* **Errors.** A strength outside its range, or of another shape than ``[]`` / ``[B]`` (/ ``[B, M]``),
+  raises ``ValueError`` naming the argument when its value is concrete (Python number or concrete
+  array; the range of traced values cannot be checked, their shape is). Unknown modality
   names raise ``ValueError`` naming ``modalities`` / ``subset``.
 """
 
@@ -55,17 +62,34 @@ Names = str | Sequence[str] | None
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _check_range(name: str, value: Any, low: float, high: float | None) -> None:
-  """Raises ValueError naming ``name`` if a concrete ``value`` is not a scalar in [low, high]."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  v = np.asarray(value)
-  if v.ndim != 0:
-    raise ValueError(f"{name}: expected a scalar, got shape {v.shape}")
-  ok = low <= v if high is None else (low <= v) & (v <= high)
-  if not bool(ok):
-    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name}: expected a value {bounds}, got {value!r}")
+def _check_level(name: str, value: Any, low: float, high: float | None, batch: Batch,
+                 *, per_modality: bool = False) -> jax.Array:
+  """``value`` as a float32 array of shape ``[]`` or ``[B]`` (or ``[B, M]`` if ``per_modality``).
+
+  Raises ValueError naming ``name`` for another shape, or when a concrete ``value`` has an entry
+  outside ``[low, high]``.
+  """
+  shapes = [(), (batch.batch_size,)] + ([(batch.batch_size, batch.num_modalities)]
+                                        if per_modality else [])
+  shape = tuple(np.shape(value))
+  if shape not in shapes:
+    raise ValueError(f"{name}: expected a scalar or an array of shape "
+                     f"{' or '.join(str(list(s)) for s in shapes[1:])}, got shape {list(shape)}")
+  if not isinstance(value, jax.core.Tracer):
+    v = np.asarray(value)
+    ok = low <= v if high is None else (low <= v) & (v <= high)
+    if not np.all(ok):
+      bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+      bad = value if v.ndim == 0 else float(v[~ok].flat[0])
+      raise ValueError(f"{name}: expected a value {bounds}, got {bad!r}")
+  return jnp.asarray(value, jnp.float32)
+
+
+def _sample_level(level: jax.Array, i: int) -> jax.Array:
+  """The level of modality ``i`` broadcastable against ``[B, T, D]``: ``[]`` or ``[B, 1, 1]``."""
+  if level.ndim == 2:
+    level = level[:, i]
+  return level.reshape(level.shape + (1, 1)) if level.ndim else level
 
 
 def _modality_indices(arg: str, batch: Batch, names: Names) -> tuple[int, ...]:
@@ -101,18 +125,19 @@ def _perturb(
     key: jax.Array,
     batch: Batch,
     modalities: Names,
-    fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    fn: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
 ) -> Batch:
-  """Replaces observed entries of the listed modalities by ``fn(key_m, x, observed)``.
+  """Replaces observed entries of the listed modalities by ``fn(key_m, x, observed, i)``.
 
-  ``x`` is ``[B, T, D]``, ``observed`` ``[B, T, 1]`` bool; ``key_m = fold_in(key, i)``.
+  ``x`` is ``[B, T, D]``, ``observed`` ``[B, T, 1]`` bool, ``i`` the modality's index;
+  ``key_m = fold_in(key, i)``.
   """
   features = dict(batch.features)
   for i in _modality_indices("modalities", batch, modalities):
     m = batch.modalities[i]
     x = jnp.asarray(batch.features[m])
     observed = _observed(batch, i)[..., None]
-    noisy = fn(jax.random.fold_in(key, i), x, observed)
+    noisy = fn(jax.random.fold_in(key, i), x, observed, i)
     features[m] = jnp.where(observed, noisy, x).astype(x.dtype)
   return batch.replace(features=features)
 
@@ -132,8 +157,8 @@ def drop_modalities(key: jax.Array, batch: Batch, missing_rate: Any) -> Batch:
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``, ``present`` ``[B, M]``.
-    missing_rate: scalar in [0, 1] (may be traced); values above ``(M−1)/M`` are clipped to it.
-      0 is the identity.
+    missing_rate: scalar or per-sample ``[B]`` in [0, 1] (may be traced); values above
+      ``(M−1)/M`` are clipped to it. 0 is the identity.
 
   Returns:
     A new batch: dropped modalities have ``present`` False and zero features; ``step_mask`` and
@@ -142,10 +167,10 @@ def drop_modalities(key: jax.Array, batch: Batch, missing_rate: Any) -> Batch:
   Raises:
     ValueError: ``missing_rate`` outside [0, 1] (when concrete).
   """
-  _check_range("missing_rate", missing_rate, 0.0, 1.0)
+  missing_rate = _check_level("missing_rate", missing_rate, 0.0, 1.0, batch)
   num_mod, b = batch.num_modalities, batch.batch_size
-  # Expected number of dropped modalities per sample, in [0, M − 1].
-  expected = jnp.minimum(jnp.asarray(missing_rate, jnp.float32) * num_mod, num_mod - 1)
+  # Expected number of dropped modalities per sample, in [0, M − 1]; shape [] or [B].
+  expected = jnp.minimum(missing_rate * num_mod, num_mod - 1)
   base = jnp.floor(expected)
   count_key, order_key = jax.random.split(key)
   extra = jax.random.bernoulli(count_key, expected - base, (b,))
@@ -167,7 +192,8 @@ def drop_one_modality(key: jax.Array, batch: Batch, ratio: Any) -> Batch:
   Args:
     key: PRNG key.
     batch: ``present`` ``[B, M]`` with ``M >= 2``.
-    ratio: scalar in [0, 1] (may be traced); EMMR sweeps 0-0.5.
+    ratio: scalar or per-sample ``[B]`` selection probability in [0, 1] (may be traced); EMMR
+      sweeps 0-0.5.
 
   Returns:
     A new batch: the dropped modality has ``present`` False and zero features; ``step_mask`` and
@@ -176,7 +202,7 @@ def drop_one_modality(key: jax.Array, batch: Batch, ratio: Any) -> Batch:
   Raises:
     ValueError: ``ratio`` outside [0, 1] (when concrete), or ``batch.modalities`` has fewer than 2.
   """
-  _check_range("ratio", ratio, 0.0, 1.0)
+  ratio = _check_level("ratio", ratio, 0.0, 1.0, batch)
   if batch.num_modalities < 2:
     raise ValueError(
         f"batch.modalities: drop_one_modality needs at least 2 modalities, got "
@@ -239,7 +265,8 @@ def mask_time_steps(key: jax.Array, batch: Batch, rate: Any) -> Batch:
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``, ``step_mask[m]`` ``[B, T_m]``.
-    rate: scalar in [0, 1] (may be traced); EASE sweeps 0, 0.1, …, 0.9.
+    rate: scalar or per-sample ``[B]`` in [0, 1] (may be traced); EASE sweeps 0, 0.1, …, 0.9;
+      its training (LNLN) draws a per-sample rate from U(0, 1).
 
   Returns:
     A new batch with updated ``features`` and ``step_mask``.
@@ -247,7 +274,8 @@ def mask_time_steps(key: jax.Array, batch: Batch, rate: Any) -> Batch:
   Raises:
     ValueError: ``rate`` outside [0, 1] (when concrete).
   """
-  _check_range("rate", rate, 0.0, 1.0)
+  rate = _check_level("rate", rate, 0.0, 1.0, batch)
+  rate = rate[:, None] if rate.ndim else rate  # Shape: [] or [B, 1]
   features, step_mask = dict(batch.features), dict(batch.step_mask)
   for i, m in enumerate(batch.modalities):
     x = jnp.asarray(batch.features[m])
@@ -268,17 +296,17 @@ def gaussian_noise(
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``.
-    variance: scalar ``>= 0`` (may be traced).
+    variance: ``>= 0``: scalar, per-sample ``[B]`` or per-sample-and-modality ``[B, M]`` (may be
+      traced).
     modalities: names to corrupt (``None`` = all); static under jit.
 
   Raises:
     ValueError: negative ``variance`` (when concrete) or unknown ``modalities``.
   """
-  _check_range("variance", variance, 0.0, None)
-  std = jnp.sqrt(jnp.asarray(variance, jnp.float32))
+  std = jnp.sqrt(_check_level("variance", variance, 0.0, None, batch, per_modality=True))
   return _perturb(
       key, batch, modalities,
-      lambda k, x, _: x + std * jax.random.normal(k, x.shape, jnp.float32))
+      lambda k, x, _, i: x + _sample_level(std, i) * jax.random.normal(k, x.shape, jnp.float32))
 
 
 def salt_pepper_noise(
@@ -294,19 +322,21 @@ def salt_pepper_noise(
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``.
-    amount: scalar in [0, 1] (may be traced).
+    amount: in [0, 1]: scalar, per-sample ``[B]`` or per-sample-and-modality ``[B, M]`` (may be
+      traced).
     modalities: names to corrupt (``None`` = all); static under jit.
 
   Raises:
     ValueError: ``amount`` outside [0, 1] (when concrete) or unknown ``modalities``.
   """
-  _check_range("amount", amount, 0.0, 1.0)
+  amount = _check_level("amount", amount, 0.0, 1.0, batch, per_modality=True)
 
-  def fn(k, x, observed):
+  def fn(k, x, observed, i):
     lo = jnp.min(jnp.where(observed, x, jnp.inf), axis=(0, 1))  # Shape: [D]
     hi = jnp.max(jnp.where(observed, x, -jnp.inf), axis=(0, 1))  # Shape: [D]
     u = jax.random.uniform(k, x.shape)
-    return jnp.where(u < amount / 2, lo, jnp.where(u < amount, hi, x))
+    a = _sample_level(amount, i)
+    return jnp.where(u < a / 2, lo, jnp.where(u < a, hi, x))
 
   return _perturb(key, batch, modalities, fn)
 
@@ -320,16 +350,19 @@ def mix_noise(key: jax.Array, batch: Batch, rate: Any, modalities: Names = None)
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``.
-    rate: the noisy rate NR, scalar in [0, 1] (may be traced).
+    rate: the noisy rate NR, scalar or per-sample ``[B]`` in [0, 1] (may be traced).
     modalities: names to corrupt (``None`` = all); static under jit.
 
   Raises:
     ValueError: ``rate`` outside [0, 1] (when concrete) or unknown ``modalities``.
   """
-  _check_range("rate", rate, 0.0, 1.0)
-  return _perturb(
-      key, batch, modalities,
-      lambda k, x, _: (1 - rate) * x + rate * jax.random.normal(k, x.shape, jnp.float32))
+  rate = _check_level("rate", rate, 0.0, 1.0, batch)
+
+  def fn(k, x, _, i):
+    r = _sample_level(rate, i)
+    return (1 - r) * x + r * jax.random.normal(k, x.shape, jnp.float32)
+
+  return _perturb(key, batch, modalities, fn)
 
 
 def laplace_noise(key: jax.Array, batch: Batch, scale: Any, modalities: Names = None) -> Batch:
@@ -341,16 +374,16 @@ def laplace_noise(key: jax.Array, batch: Batch, scale: Any, modalities: Names = 
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``.
-    scale: scalar ``>= 0`` (may be traced).
+    scale: scalar or per-sample ``[B]``, ``>= 0`` (may be traced).
     modalities: names to corrupt (``None`` = all); static under jit.
 
   Raises:
     ValueError: negative ``scale`` (when concrete) or unknown ``modalities``.
   """
-  _check_range("scale", scale, 0.0, None)
+  scale = _check_level("scale", scale, 0.0, None, batch)
   return _perturb(
       key, batch, modalities,
-      lambda k, x, _: x + scale * jax.random.laplace(k, x.shape, jnp.float32))
+      lambda k, x, _, i: x + _sample_level(scale, i) * jax.random.laplace(k, x.shape, jnp.float32))
 
 
 def random_erasing(key: jax.Array, batch: Batch, rate: Any, modalities: Names = None) -> Batch:
@@ -363,16 +396,16 @@ def random_erasing(key: jax.Array, batch: Batch, rate: Any, modalities: Names = 
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``.
-    rate: scalar in [0, 1] (may be traced).
+    rate: scalar or per-sample ``[B]`` in [0, 1] (may be traced).
     modalities: names to corrupt (``None`` = all); static under jit.
 
   Raises:
     ValueError: ``rate`` outside [0, 1] (when concrete) or unknown ``modalities``.
   """
-  _check_range("rate", rate, 0.0, 1.0)
+  rate = _check_level("rate", rate, 0.0, 1.0, batch)
   return _perturb(
       key, batch, modalities,
-      lambda k, x, _: jnp.where(jax.random.bernoulli(k, rate, x.shape), 0, x))
+      lambda k, x, _, i: jnp.where(jax.random.bernoulli(k, _sample_level(rate, i), x.shape), 0, x))
 
 
 def laplace_or_erasing(key: jax.Array, batch: Batch, rate: Any, modalities: Names = None) -> Batch:
@@ -387,20 +420,102 @@ def laplace_or_erasing(key: jax.Array, batch: Batch, rate: Any, modalities: Name
   Args:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``.
-    rate: the noisy rate NR, scalar in [0, 1] (may be traced).
+    rate: the noisy rate NR, scalar or per-sample ``[B]`` in [0, 1] (may be traced).
     modalities: names to corrupt (``None`` = all); static under jit.
 
   Raises:
     ValueError: ``rate`` outside [0, 1] (when concrete) or unknown ``modalities``.
   """
-  _check_range("rate", rate, 0.0, 1.0)
+  rate = _check_level("rate", rate, 0.0, 1.0, batch)
   choice_key, key = jax.random.split(key)
   laplace = jax.random.bernoulli(choice_key, 0.5, (batch.batch_size,))[:, None, None]
 
-  def fn(k, x, _):
+  def fn(k, x, _, i):
+    r = _sample_level(rate, i)
     noise_key, erase_key = jax.random.split(k)
     noise = jax.random.laplace(noise_key, x.shape, jnp.float32) / np.sqrt(2.0)
-    erased = jnp.where(jax.random.bernoulli(erase_key, rate, x.shape), 0, x)
-    return jnp.where(laplace, (1 - rate) * x + rate * noise, erased)
+    erased = jnp.where(jax.random.bernoulli(erase_key, r, x.shape), 0, x)
+    return jnp.where(laplace, (1 - r) * x + r * noise, erased)
 
   return _perturb(key, batch, modalities, fn)
+
+
+# ---------------------------------------------------------------------------------- sample-wise
+def noisy_views(key: jax.Array, batch: Batch, fraction: Any = 0.5) -> jax.Array:
+  """``[B, M]`` bool: a uniformly random subset of each sample's present modalities.
+
+  Sample ``b`` with ``n_b`` present modalities gets
+  ``k_b = min(⌊fM⌋ + Bernoulli(fM − ⌊fM⌋), n_b)`` of them (``f = fraction``, ``M`` modalities), so ``E[k_b] = fM`` when nothing is absent: with
+  ``f = 0.5`` exactly half of the views for even ``M`` (3 of 6 Handwritten views, 1 of 2 CUB
+  views), 1 or 2 of 3 with equal odds. The subset is uniform among the present modalities; the
+  count and the order use ``split(key)``.
+
+  Args:
+    key: PRNG key.
+    batch: supplies ``present [B, M]``.
+    fraction: scalar in [0, 1] (may be traced).
+
+  Raises:
+    ValueError: ``fraction`` outside [0, 1] (when concrete).
+  """
+  fraction = _check_level("fraction", fraction, 0.0, 1.0, batch)
+  present = jnp.asarray(batch.present)
+  b, num_mod = present.shape
+  expected = fraction * num_mod
+  base = jnp.floor(expected)
+  count_key, order_key = jax.random.split(key)
+  k = base.astype(jnp.int32) + jax.random.bernoulli(count_key, expected - base, (b,))
+  # A uniformly random order of the present modalities (absent ones last); keep the first k.
+  scores = jnp.where(present, jax.random.uniform(order_key, (b, num_mod)), 2.0)
+  rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)  # Shape: [B, M]
+  return present & (rank < k[:, None])
+
+
+def samplewise_gaussian_noise(key: jax.Array, batch: Batch, std: Any, fraction: Any = 0.5
+                              ) -> Batch:
+  """Sample-wise Gaussian noise: ``x + std · ε`` on a random subset of each sample's modalities.
+
+  EUAR Fig. 1's "sample-wise noise" and the multi-view benchmarks of TMC / QMF / RCML (Gaussian
+  noise of strength ``std`` on part of the views, in standardised units): the noisy views of each
+  sample are :func:`noisy_views` ``(split(key)[0], batch, fraction)``; the noise is
+  :func:`gaussian_noise` with key ``split(key)[1]`` and per-sample-and-modality variance
+  ``std² · noisy``, so the other modalities are left bit-identical.
+
+  Args:
+    key: PRNG key.
+    batch: ``features[m]`` ``[B, T_m, D_m]``.
+    std: noise strength (standard deviation) ``>= 0``, scalar or per-sample ``[B]`` (may be traced).
+    fraction: share of the modalities made noisy per sample (see :func:`noisy_views`).
+
+  Raises:
+    ValueError: negative ``std`` or ``fraction`` outside [0, 1] (when concrete).
+  """
+  std = _check_level("std", std, 0.0, None, batch)
+  view_key, noise_key = jax.random.split(key)
+  noisy = noisy_views(view_key, batch, fraction)
+  std = std[:, None] if std.ndim else std
+  return gaussian_noise(noise_key, batch, jnp.square(std) * noisy)
+
+
+def samplewise_salt_pepper_noise(key: jax.Array, batch: Batch, amount: Any, fraction: Any = 0.5
+                                 ) -> Batch:
+  """Sample-wise salt-and-pepper noise: :func:`salt_pepper_noise` on a random subset of modalities.
+
+  The noisy views are :func:`noisy_views` ``(split(key)[0], batch, fraction)``; on them a fraction
+  ``amount`` of the entries is set to the feature's batch min or max (key ``split(key)[1]``); the
+  other modalities are left bit-identical.
+
+  Args:
+    key: PRNG key.
+    batch: ``features[m]`` ``[B, T_m, D_m]``.
+    amount: scalar or per-sample ``[B]`` in [0, 1] (may be traced).
+    fraction: share of the modalities made noisy per sample (see :func:`noisy_views`).
+
+  Raises:
+    ValueError: ``amount`` or ``fraction`` outside [0, 1] (when concrete).
+  """
+  amount = _check_level("amount", amount, 0.0, 1.0, batch)
+  view_key, noise_key = jax.random.split(key)
+  noisy = noisy_views(view_key, batch, fraction)
+  amount = amount[:, None] if amount.ndim else amount
+  return salt_pepper_noise(noise_key, batch, amount * noisy)

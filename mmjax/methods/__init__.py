@@ -23,6 +23,19 @@ REGISTRY: dict[str, tuple[Callable[..., Method], Callable[[], ml_collections.Con
 }
 
 
+# The methods' own training corruption (``config.train_corruption = "method"``; see
+# mmjax.data.train_corruption): what each paper's training applies on top of the data. Others: none.
+TRAIN_CORRUPTION = {
+    "ease": ease.TRAIN_CORRUPTION,
+    "emmr": emmr.TRAIN_CORRUPTION,
+}
+
+
+def default_train_corruption(name: str) -> str:
+  """The ``config.train_corruption`` spec that ``"method"`` stands for with method ``name``."""
+  return TRAIN_CORRUPTION.get(name, "none")
+
+
 def default_model_config(name: str) -> ml_collections.ConfigDict:
   return _lookup(name)[1]()
 

@@ -15,10 +15,12 @@ Model (SPEC §6.4; widths are ours, the paper's 768-d backbones are not needed o
   in training (key split from the step key). Every unavailable ``z_B`` is replaced by ``z_hat_B``.
   ``L_ucmi = gaussian_nll(sg(z_B^gt), mu_B, var_B)`` averaged over the (valid sample, missing
   modality) pairs.
-* **Missing modalities in training.** The training pass drops modalities at random on top of the
-  batch's own ``present`` with :func:`mmjax.data.drop_modalities` at ``train_missing_rate`` (key
-  split from the step key; at least one modality is always kept), so UCMI always has targets. At
-  evaluation the availability is ``batch.present``.
+* **Missing modalities in training.** The loss completes whatever ``batch.present`` marks absent;
+  the missing modalities of training come from the trainer's train-time corruption
+  (``config.train_corruption``, :mod:`mmjax.data.train_corruption`). EASE's own regime
+  (``"method"``) is :data:`TRAIN_CORRUPTION`: :func:`mmjax.data.drop_modalities` at rate 0.5 on
+  every training batch (at least one modality is always kept), so UCMI always has targets. The
+  same for evaluation: the availability is ``batch.present``.
 * **Fusion / heads.** ``concat_m z_m -> Dense(d) -> GELU`` then a class head (logits over the task's
   classes, or over the 3 sentiment bins of :func:`mmjax.data.sentiment_to_class` for regression)
   and, for regression, a second head for the score. ``L_task`` = MSE of the score (regression) or
@@ -66,7 +68,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mmjax.data import Batch, drop_modalities, sentiment_to_class
+from mmjax.data import Batch, sentiment_to_class
 from mmjax.losses import (
     anchored_consistency_loss, gaussian_cs_divergence, gaussian_nll, kernel_cs_divergence,
     predictive_consistency_loss)
@@ -78,6 +80,11 @@ REGRESSION_BINS = 3  # sentiment bins used as classes (anchors, MIPC) for regres
 MIN_VAR = 1e-6  # epsilon of eq. 2 and eq. 29
 
 
+# EASE's training regime (config.train_corruption = "method"): every training batch loses
+# modalities at missing rate 0.5 (mmjax.data.drop_modalities), so UCMI always has targets.
+TRAIN_CORRUPTION = "missing_rate:0.5"
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       hidden=32,
@@ -85,7 +92,6 @@ def default_config() -> ml_collections.ConfigDict:
       num_heads=4,
       mlp_ratio=2,
       dropout=0.0,
-      train_missing_rate=0.5,
       num_views=2,
       kernel_bandwidth=1.0,  # tau / sqrt(hidden)
       kernel_alpha=1.0,  # alpha of eq. 6 (not given in the paper)
@@ -246,9 +252,6 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
   if config.hidden % config.num_heads:
     raise ValueError(
         f"model.num_heads: {config.num_heads} does not divide model.hidden={config.hidden}")
-  if not 0.0 <= config.train_missing_rate <= 1.0:
-    raise ValueError(f"model.train_missing_rate: expected a value in [0, 1], got "
-                     f"{config.train_missing_rate}")
   if not 0.0 <= config.anchor_momentum < 1.0:
     raise ValueError(f"model.anchor_momentum: expected a value in [0, 1), got "
                      f"{config.anchor_momentum}")
@@ -272,14 +275,13 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     return logits, score, mu, var, z_hat
 
   def loss(params, state, batch, key, train):
-    drop_key, sample_key, view_key, dropout_key = jax.random.split(key, 4)
+    sample_key, view_key, dropout_key = jax.random.split(key, 3)
     rngs = {"dropout": dropout_key} if train else {}
     present = jnp.asarray(batch.present)
     valid = jnp.asarray(batch.valid)
 
     z, z_gt = encode_observed_and_clean(model, params, batch, present, train=train, rngs=rngs)
-    available = drop_modalities(drop_key, batch, config.train_missing_rate).present if train \
-        else present
+    available = present
     logits, score, mu, var, z_hat = forward(
         params, available, z, jax.random.fold_in(sample_key, 0), train)
     predictions = score if regression else logits

@@ -68,9 +68,11 @@ Loss (eq. 14-18) of the stage ``"main"``
   the missing modalities only: the reconstruction error of the dropped segments), ``key_missing``
   (fraction of valid samples flagged), ``missing`` (fraction with a missing modality).
 
-**Missing modalities in training.** The training pass applies
-:func:`mmjax.data.drop_one_modality` at ``train_missing_ratio`` (default 0.5, the top of the
-paper's 0-0.5 sweep) on top of the batch, from the step key; evaluation uses ``batch.present``.
+**Missing modalities in training** come from the trainer's train-time corruption
+(``config.train_corruption``, :mod:`mmjax.data.train_corruption`). EMMR's own regime
+(``"method"``) is :data:`TRAIN_CORRUPTION`: :func:`mmjax.data.drop_one_modality` at ratio 0.5 (the
+top of the paper's 0-0.5 sweep) on every training batch; stage 1 reads only the clean copy, so it
+is unaffected. Evaluation uses ``batch.present``.
 
 Ablations (Tables 2-3): ``members`` (``"tf"``, ``"tf,ae"``, ``"tf,mmin"``, default
 ``"tf,ae,mmin"``; TF is required: it is the backbone), ``fusion`` (``attention`` / ``max`` /
@@ -92,7 +94,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmjax.data import Batch, drop_one_modality
+from mmjax.data import Batch
 from mmjax.losses import symmetric_kl
 from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, Stage, TaskSpec, task_loss
@@ -102,6 +104,11 @@ from mmjax.nn import (
 
 MEMBERS = ("tf", "ae", "mmin")
 FUSIONS = ("attention", "max", "average")
+
+
+# EMMR's training regime (config.train_corruption = "method"): half of the training samples lose
+# one modality (mmjax.data.drop_one_modality at ratio 0.5).
+TRAIN_CORRUPTION = "drop_one:0.5"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -119,7 +126,6 @@ def default_config() -> ml_collections.ConfigDict:
       lambda_semantic=1.0,
       use_forward=True,
       use_backward=True,
-      train_missing_ratio=0.5,
       pretrain_epochs=20,
   ))
 
@@ -396,9 +402,6 @@ def _check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
   if config.num_residual_blocks < 1:
     raise ValueError(
         f"model.num_residual_blocks: expected >= 1, got {config.num_residual_blocks}")
-  if not 0.0 <= config.train_missing_ratio <= 1.0:
-    raise ValueError(f"model.train_missing_ratio: expected a value in [0, 1], got "
-                     f"{config.train_missing_ratio}")
   if not isinstance(config.pretrain_epochs, int) or config.pretrain_epochs < 1:
     raise ValueError(f"model.pretrain_epochs: expected an int >= 1, got {config.pretrain_epochs!r}")
   for field in ("lambda_forward", "lambda_backward", "lambda_semantic"):
@@ -468,10 +471,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     return logits
 
   def loss(params, state, batch, key, train):
-    drop_key, dropout_key = jax.random.split(key)
-    if train:
-      batch = drop_one_modality(drop_key, batch, config.train_missing_ratio)
-    rngs = {"dropout": dropout_key} if train else {}
+    rngs = {"dropout": key} if train else {}
     present = jnp.asarray(batch.present)
     valid = jnp.asarray(batch.valid)
     real = _real_steps(batch.step_mask, spec.modalities)

@@ -8,7 +8,9 @@ SPEC §6.3; equation numbers are the paper's:
   (``fold_in(PRNGKey(EVAL_NOISE_SEED), m)``) and has shape ``[1, T_m, D_m]``, broadcast over the
   batch: evaluation is a deterministic function of the batch, independent of the caller's key and
   of a sample's position in its batch.
-* **Unimodal networks** (App. A.1 eq. 30-31). Modalities named in ``config.language``:
+* **Unimodal networks** (App. A.1 eq. 30-31). Modalities named in ``config.language`` (default
+  ``"auto"``: ``text`` if the data has it, else every utterance-level modality, so multi-view data
+  runs too; :func:`language_modalities`):
   ``U = Dense(d)(Z)``. Others: ``U = Transformer(Conv1D(d, kernel 3, 'SAME')(Z))`` with
   :class:`~mmjax.nn.TransformerEncoder` (pre-LN, key-padding mask, no positional embedding: the
   convolution already sees the order).
@@ -102,7 +104,10 @@ def default_config() -> ml_collections.ConfigDict:
       num_heads=4,
       mlp_ratio=2,
       dropout=0.0,
-      language=("text",),  # modalities whose unimodal network is a Dense projection (eq. 30)
+      # Modalities whose unimodal network is a Dense projection (eq. 30): a tuple of names, or
+      # "auto" = ("text",) when the data has a "text" modality, else every utterance-level
+      # (T_m = 1) modality (multi-view data: a sequence network over one step has nothing to see).
+      language="auto",
       rho=5,  # diagonal window of the context constraint
       beta=0.1,  # variance margin
       gamma=0.5,  # context margin
@@ -359,9 +364,9 @@ def supervised_operations(config: ml_collections.ConfigDict
 
 def make_model(config: ml_collections.ConfigDict, spec: TaskSpec) -> SAMLMLModel:
   intra_ops, inter_ops = supervised_operations(config)
-  return SAMLMLModel(spec.modalities, tuple(config.language), spec.output_dim, config.hidden,
-                     config.num_layers, config.num_heads, config.mlp_ratio, config.dropout,
-                     intra_ops, inter_ops)
+  return SAMLMLModel(spec.modalities, language_modalities(config, spec), spec.output_dim,
+                     config.hidden, config.num_layers, config.num_heads, config.mlp_ratio,
+                     config.dropout, intra_ops, inter_ops)
 
 
 def attention_selection(batch: Batch, query: str, key: str) -> jax.Array:
@@ -498,7 +503,7 @@ def check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
         f"model.num_heads: {config.num_heads} does not divide model.hidden={config.hidden}")
   if len(spec.modalities) < 2:
     raise ValueError(f"modalities: SAM-LML needs >= 2 modalities, got {spec.modalities}")
-  unknown = sorted(set(config.language) - set(spec.modalities))
+  unknown = sorted(set(language_modalities(config, spec)) - set(spec.modalities))
   if unknown:
     raise ValueError(f"model.language: {unknown} are not modalities of the data "
                      f"{spec.modalities}")
@@ -509,6 +514,16 @@ def check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
     raise ValueError(f"model.use_mix: modality mixing (eq. 26-28) mixes time slices of two "
                      f"modalities and needs aligned sequences, got lengths {lengths}; "
                      "set use_mix=False for unaligned data")
+
+
+def language_modalities(config: ml_collections.ConfigDict, spec: TaskSpec) -> tuple[str, ...]:
+  """``config.language`` resolved: ``"auto"`` = ``("text",)`` if the data has it, else the
+  utterance-level modalities (``T_m = 1``); otherwise the names given."""
+  if config.language != "auto":
+    return (config.language,) if isinstance(config.language, str) else tuple(config.language)
+  if "text" in spec.modalities:
+    return ("text",)
+  return tuple(m for m in spec.modalities if spec.feature_shapes[m][0] == 1)
 
 
 def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:

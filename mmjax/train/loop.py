@@ -28,8 +28,12 @@ import optax
 from jax.sharding import Mesh
 
 from mmjax import metrics as metrics_lib
-from mmjax.data import Batch, Dataset, check_batch_size, iterate_batches, num_batches
-from mmjax.methods import Method, Stage
+from mmjax.data import (
+    Batch, Dataset, TrainCorruption, check_batch_size, iterate_batches, num_batches,
+    parse_train_corruption)
+from mmjax.data import protocols as protocols_lib
+from mmjax.data.train_corruption import describe as describe_corruption
+from mmjax.methods import Method, Stage, default_train_corruption
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.sharding import data_mesh, put_batch, replicated, to_host
 from mmjax.train.state import TrainState
@@ -54,6 +58,11 @@ def default_train_config() -> ml_collections.ConfigDict:
       select_mode="auto",  # "min" | "max" | "auto"
       drop_remainder=False,  # last partial train batch: pad + mask (False) or drop (True)
       progress=True,  # progress bar on stderr when it is a terminal
+      # Train-time corruption of every training batch (mmjax.data.train_corruption): "method" =
+      # the method's own paper regime, "none", "fair" (FAIR_RECIPE), or a spec such as
+      # "missing_rate:0:0.5+sample_gaussian:0:4+clean:0.5".
+      train_corruption="method",
+      noisy_view_fraction=0.5,  # share of each sample's modalities the sample_* noises hit
   ))
 
 
@@ -120,6 +129,18 @@ def init_state(method: Method, dataset: Dataset, config: ml_collections.ConfigDi
                     jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
 
 
+def train_corruption(method: Method, dataset: Dataset, config: ml_collections.ConfigDict
+                     ) -> TrainCorruption | None:
+  """``config.train_corruption`` parsed for ``dataset``; ``"method"`` = the method's own regime
+  (:func:`mmjax.methods.default_train_corruption` of ``method.name``)."""
+  spec = config.get("train_corruption", "method")
+  if spec == "method":
+    spec = default_train_corruption(method.name)
+  available = protocols_lib.protocols(dataset.modalities,
+                                      view_fraction=config.get("noisy_view_fraction", 0.5))
+  return parse_train_corruption(spec, available)
+
+
 def fit(
     method: Method,
     dataset: Dataset,
@@ -139,6 +160,10 @@ def fit(
   ``method.init``; stage ``s > 0`` from the best (selected) params and method state of stage
   ``s - 1``, with a fresh optimiser state and step 0. Leaves a stage's ``trainable`` marks ``False``
   get no gradient and no optimiser state and leave the stage bit-identical.
+
+  Train-time corruption: ``config.train_corruption`` (:func:`train_corruption`) corrupts every
+  training batch of every stage inside the compiled train step, from the step key; validation and
+  evaluation see the splits as given.
 
   Randomness: ``root = PRNGKey(seed)``; init uses ``fold_in(root, 0)``. Stage 0 (and the implicit
   stage) steps with ``fold_in(fold_in(root, 1), step)`` and shuffles epoch ``e`` with
@@ -160,10 +185,12 @@ def fit(
   check_batch_size(config.batch_size, mesh.size)
   metric, mode = _selection(config, dataset.task)
   stages = _check_stages(method)
+  corruption = train_corruption(method, dataset, config)
   if resume and workdir is None:
     raise ValueError("resume: needs a workdir to resume from")
   run = _Run(dataset, config, mesh, metric, mode, resume, log,
-             None if workdir is None else os.path.join(workdir, "metrics.jsonl"))
+             None if workdir is None else os.path.join(workdir, "metrics.jsonl"), corruption)
+  log(describe_corruption(corruption))
   checkpointers = ([] if workdir is None else
                    [Checkpointer(os.path.join(workdir, stage.name)) for stage in stages])
   try:
@@ -199,6 +226,7 @@ class _Run:
   resume: bool
   log: Callable[[str], None]
   jsonl: str | None  # metrics.jsonl, or None without a workdir
+  corruption: TrainCorruption | None  # train-time corruption of every training batch
 
 
 def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int, params: Any,
@@ -216,7 +244,7 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
   optimizer = make_optimizer(config)
   if trainable is not None:
     optimizer = mask_optimizer(optimizer, trainable)
-  train_step, eval_step = compile_steps(method, optimizer, mesh, trainable)
+  train_step, eval_step = compile_steps(method, optimizer, mesh, trainable, run.corruption)
   root = jax.random.PRNGKey(config.seed)
   if index:
     root = jax.random.fold_in(root, 2 + index)

@@ -9,19 +9,23 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from mmjax.data import Batch
+from mmjax.data import TRAIN_CORRUPTION_STREAM, Batch, TrainCorruption
 from mmjax.methods import Method
 from mmjax.train.sharding import batch_sharding, replicated
 from mmjax.train.state import TrainState
 
 
 def make_train_step(method: Method, optimizer: optax.GradientTransformation,
-                    trainable: Any = None):
+                    trainable: Any = None, corruption: TrainCorruption | None = None):
   """``train_step(state, batch) -> (state, metrics)``: one ``value_and_grad`` + optimiser update.
 
-  The step's randomness is ``fold_in(state.key, state.step)``, so a resumed run draws the same
-  numbers as an uninterrupted one. ``metrics`` holds every loss term of the method and the
+  The step's randomness is ``key = fold_in(state.key, state.step)``, so a resumed run draws the
+  same numbers as an uninterrupted one. ``metrics`` holds every loss term of the method and the
   gradient norm.
+
+  ``corruption`` (train-time corruption, :mod:`mmjax.data.train_corruption`): the batch becomes
+  ``corruption(fold_in(key, TRAIN_CORRUPTION_STREAM), batch)`` before the method's loss, which
+  still gets ``key`` — the same for every method, and the method's own draws are unchanged.
 
   ``trainable`` (a pytree of Python bools with the structure of ``state.params``; ``None`` = all
   ``True``) freezes the ``False`` leaves: the loss sees them through ``stop_gradient`` (so no
@@ -37,6 +41,8 @@ def make_train_step(method: Method, optimizer: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(state.key, state.step)
+    if corruption is not None:
+      batch = corruption(jax.random.fold_in(key, TRAIN_CORRUPTION_STREAM), batch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (metrics, method_state, _)), grads = grad_fn(state.params, state.method_state, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -71,13 +77,15 @@ def make_eval_step(method: Method):
 
 
 def compile_steps(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh,
-                  trainable: Any = None) -> tuple[Callable[..., Any], Callable[..., Any]]:
+                  trainable: Any = None, corruption: TrainCorruption | None = None
+                  ) -> tuple[Callable[..., Any], Callable[..., Any]]:
   """Jitted steps over ``mesh``: batch sharded on ``'data'``, state replicated and donated.
 
-  ``trainable``: see :func:`make_train_step`.
+  ``trainable``, ``corruption``: see :func:`make_train_step` (the eval step is never corrupted).
   """
   data, repl = batch_sharding(mesh), replicated(mesh)
-  train_step = jax.jit(make_train_step(method, optimizer, trainable), in_shardings=(repl, data),
+  train_step = jax.jit(make_train_step(method, optimizer, trainable, corruption),
+                       in_shardings=(repl, data),
                        out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(method), in_shardings=(repl, data), out_shardings=data)
   return train_step, eval_step
