@@ -1,7 +1,8 @@
 """Speed of EUAR's jitted train / eval step at MOSI shapes: compile time and steady-state step time.
 
 Each case builds the method from ``mmjax.experiment.get_config`` (EUAR with ``N`` experts,
-``k = min(3, N)``, dense or sparse expert evaluation; or the ``concat`` baseline for reference),
+``k = min(3, N)``, dense or sparse expert evaluation — sparse changes the eval step only, the loss
+always evaluates all ``N`` experts; or the ``concat`` baseline for reference),
 a data-parallel mesh over ``--devices`` CPU devices, and one batch of random standardised features
 (text ``[B, 50, 768]``, audio ``[B, 50, 74]``, vision ``[B, 50, 47]``, MOSI's aligned shapes) with
 regression labels. It then times the steps of :func:`mmjax.train.compile_steps`:

@@ -23,7 +23,7 @@ def run(module, *args, cwd=REPO):
     (["--config.dataset=mmsa:/no/such/file.pkl"], "error: /no/such/file.pkl: no such file"),
     (["--config.method=nope"], "error: method: unknown 'nope'; available:"),
     (["--config.batch_size=0"], "error: config.batch_size: must be > 0"),
-    (["--config.model.top_k=9"], "error: model.top_k: must lie in [1, model.num_experts=8]"),
+    (["--config.model.top_k=0"], "error: model.top_k: must be >= 1, got 0"),
     (["--config.dataset=imagenet:x"], "error: dataset spec 'imagenet:x': unknown source"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
 ])

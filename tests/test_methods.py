@@ -99,7 +99,7 @@ def _np_moe(params, batch, k):
     gates = np.zeros_like(probs)
     np.put_along_axis(gates, top, np.take_along_axis(probs, top, -1), -1)
     expert = lambda q: np.einsum("bi,nio->bno", x, _np(q["kernel"])) + _np(q["bias"])
-    out[m] = dict(gates=gates, top=top, mean=expert(p["mean"]))
+    out[m] = dict(gates=gates, mean=expert(p["mean"]))
     if "log_var" in p:  # Gaussian experts
       out[m]["log_var"] = expert(p["log_var"])
   return out
@@ -126,23 +126,23 @@ def _masked_mean(x, valid):
   return x[np.asarray(valid)].mean(0)
 
 
-def _np_regularizers(params, batch, k, sparse):
+def _np_regularizers(params, batch, k):
   """Sums over modalities of the load balancing (eq. 7-9) and, for Gaussian experts, the KL
-  (eq. 4, divided by d) and the U-loss (eq. 10)."""
+  (eq. 4, summed over dimensions, mean over all N experts) and the U-loss (eq. 10), each over the
+  valid samples in which the modality is present."""
   terms = {}
   add = lambda term, value: terms.__setitem__(term, terms.get(term, 0.0) + value)
-  for a in _np_moe(params, batch, k).values():
+  for i, a in enumerate(_np_moe(params, batch, k).values()):
+    where = np.asarray(batch.valid) & np.asarray(batch.present)[:, i]
     gates, n = a["gates"], a["gates"].shape[1]
     top1 = np.eye(n)[gates.argmax(-1)]
-    add("balance", np.sum(_masked_mean(top1, batch.valid) * _masked_mean(gates, batch.valid)) / n)
+    add("balance", np.sum(_masked_mean(top1, where) * _masked_mean(gates, where)) / n)
     if "log_var" not in a:
       continue
     mean, log_var = a["mean"], a["log_var"]
-    per_expert = 0.5 * np.sum(np.exp(log_var) + mean**2 - 1.0 - log_var, -1) / mean.shape[-1]
-    if sparse:  # only the routed experts are evaluated
-      per_expert = np.take_along_axis(per_expert, a["top"], -1)
-    add("kl", _masked_mean(per_expert.mean(-1), batch.valid))
-    add("uloss", _masked_mean(np.mean(gates * np.exp(log_var).mean(-1), -1), batch.valid))
+    per_expert = 0.5 * np.sum(np.exp(log_var) + mean**2 - 1.0 - log_var, -1)
+    add("kl", _masked_mean(per_expert.mean(-1), where))
+    add("uloss", _masked_mean(np.mean(gates * np.exp(log_var).mean(-1), -1), where))
   return terms
 
 
@@ -160,13 +160,6 @@ def test_predict_matches_numpy_forward(name, overrides, spec, batch):
   method, params, state = _init(name, spec, batch, **overrides)
   got = method.predict(params, state, batch)
   np.testing.assert_allclose(got, _np_predict(name, params, batch), rtol=1e-4, atol=1e-5)
-
-
-def test_sparse_and_dense_experts_agree_at_evaluation(spec, batch):
-  dense, params, state = _init("euar", spec, batch)
-  sparse = build("euar", _model_config("euar", sparse_experts=True), spec)
-  np.testing.assert_allclose(sparse.predict(params, state, batch),
-                             dense.predict(params, state, batch), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, absent_is_zero_input", [
@@ -204,7 +197,7 @@ def test_euar_loss_terms(overrides, terms, spec, batch):
   method, params, state = _init("euar", spec, batch, alpha_kl=weights["kl"],
                                 beta_balance=weights["balance"], lambda_u=weights["uloss"],
                                 **overrides)
-  expected = _np_regularizers(params, batch, TOP_K, overrides.get("sparse_experts", False))
+  expected = _np_regularizers(params, batch, TOP_K)
   for train in (False, True):
     total, (metrics, _, predictions) = method.loss(params, state, batch, jax.random.key(2), train)
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -351,9 +344,10 @@ def test_unknown_method_lists_available():
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (dict(top_k=NUM_EXPERTS + 1), "model.top_k"),
     (dict(top_k=0), "model.top_k"),
     (dict(expert_type="resnet"), "model.expert_type"),
+    (dict(kl_reduction="max"), "model.kl_reduction"),
+    (dict(balance_scale="gshard"), "model.balance_scale"),
 ])
 def test_bad_euar_config(overrides, field, spec):
   with pytest.raises(ValueError, match=field):

@@ -3,8 +3,10 @@
   python -m experiments.train --config=experiments/configs/paper.py:ease,mmsa:/data/MOSI/aligned_50.pkl \
       --workdir=runs/ease_mosi
 
-* ``euar`` (papers/000 supplement): batch 16, 100 epochs, Adam; alpha/beta/lambda = 1e-3/1e-5/1e-3, N = 8, k = 3
-  (the model defaults). The learning rate is not given; 1e-3.
+* ``euar`` (papers/000 supplement): batch 16, 100 epochs, Adam; alpha/beta/lambda = 1e-3/1e-5/1e-3, N = 8, k = 3,
+  the KL summed over dimensions as eq. 4 writes it (``model.kl_reduction="sum"``), the load balancing at eq. 7's
+  scale (``model.balance_scale="euar"``) — the model defaults (docs/euar.md). The learning rate is not given; 1e-3.
+  Fig. 4 ablation: ``--config.model.num_experts=2`` (k clamped to 2).
 * ``ease`` (papers/004 App. A.3): batch 64, Adam lr 1e-5, 200 epochs; lambda_1/2/3 = 0.5/0.2/0.5, beta_1 = 0.02
   (the model defaults). Table 4 ablations: ``--config.model.use_{ucmi,ucsa,mipc,uada,anchor,cons,asym}=False``.
 * ``concat`` / ``late_fusion``: the EUAR settings.

@@ -42,7 +42,9 @@ class MixtureOfExperts(nn.Module):
 
   Returns ``(h [B, d], aux)`` with ``aux["gates"] [B, N]`` and, for Gaussian experts,
   ``aux["mean"]``/``aux["log_var"]`` of the evaluated experts (``[B, N, d]`` dense, ``[B, k, d]``
-  sparse) and ``aux["routed_gates"]`` (the gates of those experts).
+  sparse) and ``aux["routed_gates"]`` (the gates of those experts). ``h`` is the same either way;
+  losses defined over all ``N`` experts (EUAR eq. 4, 10) need the dense outputs, so EUAR uses the
+  sparse layer for prediction only.
   """
 
   num_experts: int = 8
