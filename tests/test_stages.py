@@ -28,7 +28,6 @@ from mmjax.train import FitResult, default_train_config, evaluate, fit
 
 PRETRAIN_EPOCHS, MAIN_EPOCHS = 3, 2
 STEPS_PER_EPOCH = 2  # 32 training samples, batches of 16
-CORRUPTION_LINE = "train-time corruption: none"
 PRETRAIN_LINE = "[pretrain] stage 1/2: 2/4 parameter arrays trainable, up to 3 epochs"
 MAIN_LINE = "[main] stage 2/2: 2/4 parameter arrays trainable, up to 2 epochs"
 
@@ -155,9 +154,8 @@ def test_history_layout_and_logs(reference):
   for stage in ("pretrain", "main"):
     assert os.path.isdir(os.path.join(workdir, stage, "checkpoints", "best"))
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
-  assert _heads(lines) == [CORRUPTION_LINE, PRETRAIN_LINE, "[pretrain] epoch   1",
-                           "[pretrain] epoch   2", "[pretrain] epoch   3", MAIN_LINE,
-                           "[main] epoch   1",
+  assert _heads(lines) == [PRETRAIN_LINE, "[pretrain] epoch   1", "[pretrain] epoch   2",
+                           "[pretrain] epoch   3", MAIN_LINE, "[main] epoch   1",
                            "[main] epoch   2"]
   # best_epoch / best_valid are the last stage's, selected on its own validation MAE.
   main = [r for r in result.history if r["stage"] == "main"]
@@ -231,13 +229,11 @@ def test_killed_run_resumes_identically(reference, method, dataset, tmp_path):
   expected, workdir = reference[0], str(tmp_path)
   _fit_until("[main] stage 2/2", method, dataset, workdir, resume=False)
   lines = _fit_until("[main] epoch   2", method, dataset, workdir, resume=True)
-  assert _heads(lines) == [CORRUPTION_LINE, PRETRAIN_LINE,
-                           "[pretrain] resumed after epoch 3 (step 6)", MAIN_LINE,
+  assert _heads(lines) == [PRETRAIN_LINE, "[pretrain] resumed after epoch 3 (step 6)", MAIN_LINE,
                            "[main] epoch   1"]  # pretrain restored, not retrained
   lines = []
   result = fit(method, dataset, _config(), workdir=workdir, resume=True, log=lines.append)
-  assert _heads(lines) == [CORRUPTION_LINE, PRETRAIN_LINE,
-                           "[pretrain] resumed after epoch 3 (step 6)", MAIN_LINE,
+  assert _heads(lines) == [PRETRAIN_LINE, "[pretrain] resumed after epoch 3 (step 6)", MAIN_LINE,
                            "[main] resumed after epoch 1 (step 2)", "[main] epoch   2"]
   _assert_same_run(result, expected)
   assert _read_jsonl(workdir) == result.history

@@ -9,7 +9,7 @@ SPEC §6.3; equation numbers are the paper's:
   batch: evaluation is a deterministic function of the batch, independent of the caller's key and
   of a sample's position in its batch.
 * **Unimodal networks** (App. A.1 eq. 30-31). Modalities named in ``config.language`` (default
-  ``"auto"``: ``text`` if the data has it, else every utterance-level modality, so multi-view data
+  ``("auto",)``: ``text`` if the data has it, else every utterance-level modality, so multi-view data
   runs too; :func:`language_modalities`):
   ``U = Dense(d)(Z)``. Others: ``U = Transformer(Conv1D(d, kernel 3, 'SAME')(Z))`` with
   :class:`~mmjax.nn.TransformerEncoder` (pre-LN, key-padding mask, no positional embedding: the
@@ -105,9 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
       mlp_ratio=2,
       dropout=0.0,
       # Modalities whose unimodal network is a Dense projection (eq. 30): a tuple of names, or
-      # "auto" = ("text",) when the data has a "text" modality, else every utterance-level
+      # ("auto",) = ("text",) when the data has a "text" modality, else every utterance-level
       # (T_m = 1) modality (multi-view data: a sequence network over one step has nothing to see).
-      language="auto",
+      language=("auto",),
       rho=5,  # diagonal window of the context constraint
       beta=0.1,  # variance margin
       gamma=0.5,  # context margin
@@ -517,10 +517,10 @@ def check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
 
 
 def language_modalities(config: ml_collections.ConfigDict, spec: TaskSpec) -> tuple[str, ...]:
-  """``config.language`` resolved: ``"auto"`` = ``("text",)`` if the data has it, else the
+  """``config.language`` resolved: ``("auto",)`` = ``("text",)`` if the data has it, else the
   utterance-level modalities (``T_m = 1``); otherwise the names given."""
-  if config.language != "auto":
-    return (config.language,) if isinstance(config.language, str) else tuple(config.language)
+  if tuple(config.language) != ("auto",):
+    return tuple(config.language)
   if "text" in spec.modalities:
     return ("text",)
   return tuple(m for m in spec.modalities if spec.feature_shapes[m][0] == 1)

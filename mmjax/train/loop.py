@@ -190,7 +190,8 @@ def fit(
     raise ValueError("resume: needs a workdir to resume from")
   run = _Run(dataset, config, mesh, metric, mode, resume, log,
              None if workdir is None else os.path.join(workdir, "metrics.jsonl"), corruption)
-  log(describe_corruption(corruption))
+  if corruption is not None:
+    log(describe_corruption(corruption))
   checkpointers = ([] if workdir is None else
                    [Checkpointer(os.path.join(workdir, stage.name)) for stage in stages])
   try:
