@@ -453,3 +453,16 @@ def test_supervision_moves_attention_off_noisy_steps():
       per_modality.append(on_noise[real & ~noisy["test"][m]].mean())  # clean queries
     mass[supervised] = np.mean(per_modality)
   assert mass[True] < 0.9 * mass[False], mass
+
+
+@pytest.mark.parametrize("modalities, lengths, language, expected", [
+    (("text", "audio", "vision"), (50, 50, 50), ("auto",), ("text",)),
+    (("view0", "view1", "view2"), (1, 1, 1), ("auto",), ("view0", "view1", "view2")),  # multi-view
+    (("view0", "clip"), (1, 20), ("auto",), ("view0",)),
+    (("view0", "view1"), (1, 1), ("view1",), ("view1",)),
+])
+def test_language_modalities_adapt_to_the_data(modalities, lengths, language, expected):
+  spec = TaskSpec("classification", 3, modalities,
+                  {m: (t, 4) for m, t in zip(modalities, lengths)})
+  assert samlml.language_modalities(_config(language=language), spec) == expected
+  build("samlml", _config(language=language, use_mix=len(set(lengths)) == 1), spec)  # builds
