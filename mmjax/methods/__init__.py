@@ -20,6 +20,7 @@ REGISTRY: dict[str, tuple[Callable[..., Method], Callable[[], ml_collections.Con
     "emmr": (emmr.build, emmr.default_config),
     "concat": (baselines.build_concat, baselines.default_config),
     "late_fusion": (baselines.build_late_fusion, baselines.default_config),
+    "late_fusion_joint": (baselines.build_late_fusion_joint, baselines.default_config),
 }
 
 

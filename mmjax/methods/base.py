@@ -116,12 +116,16 @@ def flax_method(
     model: nn.Module,
     spec: TaskSpec,
     regularizers: Callable[[dict[str, Any], Batch], dict[str, tuple[float, jax.Array]]] | None = None,
+    task_weight: float = 1.0,
 ) -> Method:
   """A stateless method from a Flax model ``model(batch, train=...) -> (outputs, aux)``.
 
   ``regularizers(aux, batch)`` returns ``{term: (weight, value)}``; the loss is
-  ``task + sum weight * value`` and every term is reported under its name. Stochastic layers draw
-  from the ``"sample"`` and ``"dropout"`` RNG streams, both split from the step key.
+  ``task_weight * task + sum weight * value`` and every term is reported under its name
+  (``task``, the task loss of ``outputs``, too). ``task_weight = 0``: a model trained only through
+  its terms (e.g. late fusion's per-modality losses) whose fused ``outputs`` are still evaluated.
+  Stochastic layers draw from the ``"sample"`` and ``"dropout"`` RNG streams, both split from the
+  step key.
   """
 
   def init(key, batch):
@@ -134,7 +138,7 @@ def flax_method(
     outputs, aux = model.apply({"params": params}, batch, train=train, rngs=rngs)
     predictions = head_output(outputs, spec)
     metrics = {"task": task_loss(predictions, batch, spec)}
-    total = metrics["task"]
+    total = task_weight * metrics["task"]
     for term, (weight, value) in (regularizers(aux, batch) if regularizers else {}).items():
       metrics[term] = value
       total = total + weight * value
