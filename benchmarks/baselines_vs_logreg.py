@@ -3,11 +3,17 @@
 Clean test accuracy (%) of, per data set:
 
 * ``LR``: scikit-learn ``LogisticRegression(C=1.0, max_iter=5000)`` on the concatenated views;
-* ``concat``: mmjax's early fusion with the old model defaults (``hidden=128, dropout=0, l2=0``)
-  and with the current ones (:func:`mmjax.methods.baselines.default_config`);
+* ``concat``: mmjax's early fusion;
 * ``avg LR``: one ``LogisticRegression`` per view, ``predict_proba`` averaged over the views;
-* ``late_fusion``: the old method (now ``late_fusion_joint``, logits averaged, old defaults) and the
-  current ``late_fusion`` (one classifier per view on its own loss, probabilities averaged).
+* ``late_fusion_joint``: per-view heads trained jointly through their averaged logits (what
+  ``late_fusion`` was before docs/baselines.md);
+* ``late_fusion``: one classifier per view on its own loss, probabilities averaged.
+
+mmjax methods use their default model config (:func:`mmjax.methods.baselines.default_config`)
+updated with ``--model`` (e.g. ``--model=l2=0.01,dropout=0.2``), and the shared training defaults
+(``experiment.get_config(method, "multiview:<path>")``), with ``config.seed = 0 .. --seeds - 1``.
+``--selection=last`` scores the last epoch of runs without early stopping instead of the
+best-validation state, to separate what the model can reach from what model selection keeps.
 
 Data sets: ``handwritten`` (file split 1600 / 400, of which mmjax's loader moves a stratified 10 %
 of train to valid: 1440 / 160 / 400), ``cub`` (TMC index files: 431 / 49 / 120) and
@@ -15,41 +21,37 @@ of train to valid: 1440 / 160 / 400), ``cub`` (TMC index files: 431 / 49 / 120) 
 per class from mmjax's train and valid splits (220 / 20) with the same 400 test rows. Views are
 standardised on the (subsampled) train split. Both sides see the same data: LR is fitted on mmjax's
 train split (valid rows are used only by mmjax, for early stopping), and scored on the test split.
-mmjax trains ``experiment.get_config(method, "multiview:<path>")`` (the shared training defaults)
-with ``config.seed = 0 .. --seeds - 1``; the data and LR are deterministic (± 0).
+The data and LR are deterministic (± 0).
 
   python benchmarks/baselines_vs_logreg.py --data_dir=../shared/data --seeds=3
+  python benchmarks/baselines_vs_logreg.py --data_dir=../shared/data --seeds=3 --selection=last
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from mmjax import data as data_lib
-from mmjax import experiment
+from mmjax import experiment, methods
 from mmjax.data import Batch, Dataset
 from mmjax.train import Checkpointer, evaluate
 
 FILES = {"handwritten": "handwritten_6views.mat", "cub": "cub_googlenet_doc2vec_c10.mat",
          "handwritten15": "handwritten_6views.mat"}
-# The model defaults before docs/baselines.md (the "old" columns).
-OLD_MODEL = dict(hidden=128, dropout=0.0, l2=0.0)
-# column -> (method, model overrides; None = the method's current defaults)
-COLUMNS = {
-    "concat old": ("concat", OLD_MODEL),
-    "concat new": ("concat", None),
-    "late_fusion old": ("late_fusion_joint", OLD_MODEL),
-    "late_fusion new": ("late_fusion", None),
-}
+METHODS = ("concat", "late_fusion_joint", "late_fusion")
+# Table columns: each scikit-learn reference before the mmjax methods it is compared with.
+COLUMNS = ("LR", "concat", "avg LR", "late_fusion_joint", "late_fusion")
 
 
 def default_data_dir() -> Path:
@@ -109,9 +111,18 @@ def averaged_logreg_accuracy(dataset: Dataset, max_iter: int = 5000) -> float:
   return float(np.mean(np.argmax(np.mean(probs, 0), 1) == test.label))
 
 
-def mmjax_accuracy(dataset: Dataset, spec: str, method: str, model: dict | None, seed: int,
+def parse_model(text: str) -> dict[str, Any]:
+  """``"l2=0.01,dropout=0.2"`` -> ``{"l2": 0.01, "dropout": 0.2}`` (values as Python literals)."""
+  pairs = [item.partition("=") for item in filter(None, text.split(","))]
+  if any(not sep for _, sep, _ in pairs):
+    raise ValueError(f"--model: expected <field>=<value>,..., got {text!r}")
+  return {name: ast.literal_eval(value) for name, _, value in pairs}
+
+
+def mmjax_accuracy(dataset: Dataset, spec: str, method: str, model: dict[str, Any], seed: int,
                    selection: str = "best") -> float:
-  """Clean test accuracy of ``method`` trained with the shared training defaults.
+  """Clean test accuracy of ``method`` (default model config updated with ``model``) trained with
+  the shared training defaults.
 
   ``selection="best"``: the state :func:`mmjax.train.fit` returns (best validation accuracy, early
   stopping). ``"last"`` (diagnosis only): no early stopping (``patience = 0``), the state after the
@@ -119,8 +130,7 @@ def mmjax_accuracy(dataset: Dataset, spec: str, method: str, model: dict | None,
   """
   config = experiment.get_config(method, spec)
   config.seed, config.progress = seed, False
-  if model is not None:
-    config.model.update(model)
+  config.model.update(model)
   if selection == "best":
     built, _, result = experiment.train(config, None, dataset=dataset, log=lambda line: None)
     state = result.state
@@ -149,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--fraction", type=float, default=0.15,
                       help="handwritten15: stratified fraction of the train rows kept")
   parser.add_argument("--max_iter", type=int, default=5000, help="LogisticRegression max_iter")
+  parser.add_argument("--model", default="",
+                      help="model config overrides of every mmjax method, e.g. l2=0.01,dropout=0.2")
   parser.add_argument("--selection", choices=("best", "last"), default="best",
                       help="mmjax state scored: best validation epoch (what fit returns) or, to "
                            "diagnose selection, the last epoch of a run without early stopping")
@@ -157,21 +169,29 @@ def main(argv: list[str] | None = None) -> None:
   unknown = sorted(set(sets) - set(FILES))
   if unknown:
     parser.error(f"--sets: unknown {unknown}; available: {sorted(FILES)}")
-  header = ["set", "LR", "concat old", "concat new", "avg LR", "late_fusion old", "late_fusion new"]
+  try:
+    model = parse_model(args.model)
+  except (ValueError, SyntaxError) as e:
+    parser.error(str(e))
+  fields = set(methods.default_model_config("concat"))  # one config for the three baselines
+  if not set(model) <= fields:
+    parser.error(f"--model: unknown fields {sorted(set(model) - fields)}; known: {sorted(fields)}")
   rows = []
   for name in sets:
     start = time.perf_counter()
     dataset, spec = load(name, args.data_dir, args.fraction)
     row = {"set": name, "LR": cell([logreg_accuracy(dataset, args.max_iter)]),
            "avg LR": cell([averaged_logreg_accuracy(dataset, args.max_iter)])}
-    for column, (method, model) in COLUMNS.items():
-      row[column] = cell([mmjax_accuracy(dataset, spec, method, model, seed, args.selection)
+    for method in METHODS:
+      row[method] = cell([mmjax_accuracy(dataset, spec, method, model, seed, args.selection)
                           for seed in range(args.seeds)])
     rows.append(row)
     sizes = "/".join(str(dataset.splits[s].batch_size) for s in ("train", "valid", "test"))
     print(f"{name} ({sizes}): {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
   state = {"best": "best validation epoch", "last": "last epoch, no early stopping"}[args.selection]
-  print(f"Clean test accuracy (%), mmjax mean ± std over {args.seeds} seeds ({state})\n")
+  print(f"Clean test accuracy (%), mmjax mean ± std over {args.seeds} seeds ({state}), model "
+        f"defaults{' + ' + args.model if args.model else ''}\n")
+  header = ("set",) + COLUMNS
   print("| " + " | ".join(header) + " |")
   print("|" + " --- |" * len(header))
   for row in rows:

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/real_data_robustness.sh                 # all six methods, 5 seeds, both sets
 #   METHODS=concat,euar SEEDS=2 bash benchmarks/real_data_robustness.sh --config.num_epochs=10
+#   SETS=cub_googlenet_doc2vec_c10 bash benchmarks/real_data_robustness.sh   # one set (run two in parallel)
 #
 # Every method is trained with the same train-time corruption (--config.train_corruption=fair:
 # half the samples clean, the others missing views at a rate ~ U(0, 0.5) and Gaussian noise of
@@ -21,10 +22,10 @@ methods="${METHODS:-euar,ease,samlml,emmr,concat,late_fusion}"
 # One compilation per model shape for all seeds (and all later runs).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$out/jax_cache}"
 common="sample_gaussian,sample_salt_pepper,missing_rate,drop_one,gaussian"
-for set in handwritten_6views cub_googlenet_doc2vec_c10; do
+for set in ${SETS:-handwritten_6views cub_googlenet_doc2vec_c10}; do
   protocols="$common"
   if [[ "$set" == cub_* ]]; then protocols="$common,fixed_subsets"; fi
-  python -m experiments.robustness \
+  "${PYTHON:-python}" -m experiments.robustness \
       --config="experiments/configs/default.py:concat,multiview:$data/$set.mat" \
       --methods="$methods" --seeds="$seeds" --config.train_corruption=fair \
       --protocols="$protocols" --workdir="$out/$set" "$@"

@@ -17,10 +17,11 @@ from mmjax.data import Batch, make_synthetic
 from mmjax.methods import TaskSpec, build, default_model_config
 
 HIDDEN, NUM_CLASSES = 16, 3
-# Concat's clean test accuracy may trail LR by this much (points) on the small set: the best-valid
-# epoch is the first one at which 20 validation samples are all right (epochs 1-3), see
-# docs/baselines.md.
-PARITY_TOLERANCE = 1.5
+# Concat against LR on the small set (points of clean test accuracy, seed 0; docs/baselines.md):
+# the model at its last epoch (no early stopping) is within 1 point; the best-validation state that
+# fit returns trails further, because the first epoch at which the 20 validation samples are all
+# right comes after 1-2 epochs (-1.4 +- 0.4 points over 3 seeds).
+MODEL_TOLERANCE, SELECTED_TOLERANCE = 1.0, 1.0
 
 
 @pytest.fixture(scope="module")
@@ -167,5 +168,7 @@ def test_concat_matches_logistic_regression_on_small_handwritten():
   assert {s: b.batch_size for s, b in dataset.splits.items()} == {
       "train": 220, "valid": 20, "test": 400}
   reference = logreg_accuracy(dataset)
-  accuracy = mmjax_accuracy(dataset, spec, "concat", None, seed=0)
-  assert accuracy >= reference - PARITY_TOLERANCE / 100, (accuracy, reference)
+  last = mmjax_accuracy(dataset, spec, "concat", {}, seed=0, selection="last")
+  selected = mmjax_accuracy(dataset, spec, "concat", {}, seed=0)
+  assert last >= reference - MODEL_TOLERANCE / 100, (last, reference)
+  assert selected >= reference - SELECTED_TOLERANCE / 100, (selected, reference)

@@ -51,14 +51,15 @@ def _toy_method(spec: TaskSpec) -> Method:
   model = _Toy()
 
   def init(key, batch):
-    return model.init({"params": key}, batch)["params"], {}
+    return model.init({"params": key}, batch)["params"], {"n": jnp.zeros(())}
 
   def make_loss(full):
     def loss(params, state, batch, key, train):
       del key, train
       pred = model.apply({"params": params}, batch, full=full)
       value = task_loss(pred, batch, spec)
-      return value, ({"task": value, "loss": value}, state, pred)
+      new_state = state if full else {"n": state["n"] + 1}  # pretrain counts its steps
+      return value, ({"task": value, "loss": value}, new_state, pred)
     return loss
 
   def predict(params, state, batch):
@@ -66,10 +67,10 @@ def _toy_method(spec: TaskSpec) -> Method:
     return model.apply({"params": params}, batch)
 
   def pretrain_predict(params, state, batch):
-    # A constant on purpose: no later epoch beats the first one's validation MAE, so stage
-    # "pretrain" selects its first epoch, not its last.
-    del params, state
-    return jnp.zeros(batch.label.shape)
+    # The pretrain step count on purpose: every later epoch's validation MAE is worse than the
+    # first one's, so stage "pretrain" selects its first epoch, not its last.
+    del params
+    return jnp.full(batch.label.shape, state["n"])
 
   only = lambda name: lambda params: {k: jax.tree.map(lambda _: k == name, v)
                                       for k, v in params.items()}
@@ -174,7 +175,7 @@ def test_stage_one_selects_its_first_epoch(reference):
   """Precondition of the next test: stage "pretrain" keeps training after its best epoch (1)."""
   pretrain = [r for r in reference[0].history if r["stage"] == "pretrain"]
   maes = [r["valid/mae"] for r in pretrain]
-  assert maes == [maes[0]] * PRETRAIN_EPOCHS and PRETRAIN_EPOCHS > 1
+  assert maes == sorted(maes) and maes[0] < maes[1] and PRETRAIN_EPOCHS > 1
   losses = [r["train/loss"] for r in pretrain]
   assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1]
 
@@ -257,3 +258,17 @@ def test_fresh_run_refuses_used_workdir(reference, method, dataset):
 def test_bad_stages(stages, match, method, dataset):
   with pytest.raises(ValueError, match=match):
     fit(dataclasses.replace(method, stages=stages(method.stages)), dataset, _config(), log=_quiet)
+
+
+def test_ties_keep_the_later_epoch_and_patience_counts_strict_improvements(method, dataset):
+  """Constant validation predictions tie every epoch: the best state is the latest tie, and with
+  patience 2 the stage stops after epoch 3 (improved at 1, no strict improvement at 2 and 3)."""
+  stage = dataclasses.replace(method.stages[0], num_epochs=6,
+                              predict=lambda params, state, batch: jnp.zeros(batch.label.shape))
+  constant = dataclasses.replace(method, stages=(stage,))
+  result = fit(constant, dataset, _config(patience=2), log=_quiet)
+  assert [r["epoch"] for r in result.history] == [1, 2, 3]
+  assert result.best_epoch == 3
+  three = fit(dataclasses.replace(method, stages=(dataclasses.replace(stage, num_epochs=3),)),
+              dataset, _config(), log=_quiet)
+  _assert_leaves(result.state.params, three.state.params, equal=True)

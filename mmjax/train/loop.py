@@ -288,9 +288,13 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
     valid = evaluate(method, state, run.dataset.splits["valid"], run.dataset.task,
                      batch_size=config.eval_batch_size, mesh=mesh, eval_step=eval_step)
     improved = _better(valid[run.metric], progress.best_value, run.mode)
+    # A tie with the best value keeps the later (longer-trained) state; patience still counts
+    # from the last strict improvement. Small validation splits tie often (20 samples at 100 %).
+    tied = not improved and valid[run.metric] == progress.best_value
+    if improved or tied:
+      progress.best_epoch, best_state = epoch, jax.device_get(state)
     if improved:
-      progress.best_value, progress.best_epoch, progress.bad_epochs = valid[run.metric], epoch, 0
-      best_state = jax.device_get(state)
+      progress.best_value, progress.bad_epochs = valid[run.metric], 0
     else:
       progress.bad_epochs += 1
     record = {**({"stage": stage.name} if stage.name else {}),
@@ -301,7 +305,7 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
     progress.history.append(record)
     run.log(tag + _epoch_line(record, run.metric, improved))
     if checkpointer is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
-      checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved)
+      checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved or tied)
       _write_jsonl(run.jsonl, [record], mode="a")
   best_valid = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
   return FitResult(state=best_state, history=progress.history, best_epoch=progress.best_epoch,
