@@ -74,3 +74,17 @@ def test_protocol_table(available):
   assert available["laplace_erasing"].levels == protocols_lib.RATES_07
   assert available["sample_gaussian"].levels[-1] == 10.0  # strengths 0-10 (standardised units)
   assert [p.numeric for p in available.values()].count(False) == 1  # only fixed_subsets
+
+
+def test_gain_table_differences_to_concat():
+  """Clean and mean-over-levels accuracy per method, and the difference of the means to concat."""
+  def result(clean, mean):
+    return {"gaussian": {"0": {"accuracy": (clean, 0.01), "macro_f1": (0.0, 0.0)},
+                         "mean": {"accuracy": (mean, 0.02), "macro_f1": (0.0, 0.0)}},
+            "fixed_subsets": {"a": {"accuracy": (0.5, 0.0), "macro_f1": (0.0, 0.0)}}}
+  summary = {"euar": result(0.90, 0.70), "concat": result(0.92, 0.60)}
+  rows = [line for line in robustness.gain_table(summary, "classification").splitlines()
+          if line.startswith("| gaussian")]
+  assert rows == ["| gaussian | euar | 90.00 ± 1.00 | -2.00 | 70.00 ± 2.00 | +10.00 |",
+                  "| gaussian | concat | 92.00 ± 1.00 | +0.00 | 60.00 ± 2.00 | +0.00 |"]
+  assert robustness.gain_table({"euar": result(0.9, 0.7)}, "classification") == ""
