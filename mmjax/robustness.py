@@ -145,7 +145,9 @@ def gain_table(summary: dict[str, dict[str, Any]], task: str, reference: str = "
   metric = HEADLINE[task][0]
   percent = metric not in ("mae", "corr")
   scale = 100.0 if percent else 1.0
-  lines = [f"### {metric}: clean and mean over levels, Δ = difference to {reference}", "",
+  better = "lower" if metric == "mae" else "higher"
+  lines = [f"### {metric}: clean and mean over levels, Δ = difference to {reference} "
+           f"({better} is better)", "",
            "| protocol | method | clean | Δ clean | mean over levels | Δ mean |",
            "| --- | --- | --- | --- | --- | --- |"]
   ref = summary[reference]
