@@ -195,7 +195,7 @@ def plot_curves(summary: dict[str, dict[str, Any]], chosen: Sequence[Protocol], 
   for protocol in chosen:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     names = [level_name(level) for level in protocol.levels]
-    numeric = not isinstance(protocol.levels[0], tuple)
+    numeric = protocol.numeric
     x = np.asarray(protocol.levels, float) if numeric else np.arange(len(names))
     for method, result in summary.items():
       mean = np.array([result[protocol.name][n][metric][0] for n in names])

@@ -112,6 +112,24 @@ def _observed(batch: Batch, i: int) -> jax.Array:
           & jnp.asarray(batch.valid)[:, None])
 
 
+def _random_count_and_order(key: jax.Array, present: jax.Array, expected: jax.Array, *,
+                            absent_first: bool) -> tuple[jax.Array, jax.Array]:
+  """``(k [B] int32, rank [B, M])``: a random count with ``E[k] = expected`` and a random order.
+
+  ``k = ⌊e⌋ + Bernoulli(e − ⌊e⌋)`` (``expected``: ``[]`` or ``[B]``, from ``split(key)[0]``);
+  ``rank`` is each row's position in a uniformly random order of its present modalities (from
+  ``split(key)[1]``), with the absent modalities placed first or last. Shared by the protocols that
+  pick a random ``k``-subset of modalities per sample.
+  """
+  b, num_mod = present.shape
+  base = jnp.floor(expected)
+  count_key, order_key = jax.random.split(key)
+  k = base.astype(jnp.int32) + jax.random.bernoulli(count_key, expected - base, (b,))
+  scores = jnp.where(present, jax.random.uniform(order_key, (b, num_mod)),
+                     -1.0 if absent_first else 2.0)
+  return k, jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+
+
 def _with_presence(batch: Batch, present: jax.Array) -> Batch:
   """Sets ``present`` ([B, M] bool) and zeroes the features of every absent modality."""
   features = {
@@ -168,17 +186,12 @@ def drop_modalities(key: jax.Array, batch: Batch, missing_rate: Any) -> Batch:
     ValueError: ``missing_rate`` outside [0, 1] (when concrete).
   """
   missing_rate = _check_level("missing_rate", missing_rate, 0.0, 1.0, batch)
-  num_mod, b = batch.num_modalities, batch.batch_size
+  num_mod = batch.num_modalities
   # Expected number of dropped modalities per sample, in [0, M − 1]; shape [] or [B].
   expected = jnp.minimum(missing_rate * num_mod, num_mod - 1)
-  base = jnp.floor(expected)
-  count_key, order_key = jax.random.split(key)
-  extra = jax.random.bernoulli(count_key, expected - base, (b,))
-  k = base.astype(jnp.int32) + extra  # Shape: [B]; k <= M − 1 (expected − base = 0 at M − 1)
   present = jnp.asarray(batch.present)
-  # A uniformly random order per sample, absent modalities first; drop the first k.
-  scores = jnp.where(present, jax.random.uniform(order_key, (b, num_mod)), -1.0)
-  rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)  # Shape: [B, M]
+  # k <= M − 1 (expected − base = 0 at M − 1); absent modalities rank first, so count towards k.
+  k, rank = _random_count_and_order(key, present, expected, absent_first=True)
   return _with_presence(batch, present & (rank >= k[:, None]))
 
 
@@ -460,14 +473,9 @@ def noisy_views(key: jax.Array, batch: Batch, fraction: Any = 0.5) -> jax.Array:
   """
   fraction = _check_level("fraction", fraction, 0.0, 1.0, batch)
   present = jnp.asarray(batch.present)
-  b, num_mod = present.shape
-  expected = fraction * num_mod
-  base = jnp.floor(expected)
-  count_key, order_key = jax.random.split(key)
-  k = base.astype(jnp.int32) + jax.random.bernoulli(count_key, expected - base, (b,))
-  # A uniformly random order of the present modalities (absent ones last); keep the first k.
-  scores = jnp.where(present, jax.random.uniform(order_key, (b, num_mod)), 2.0)
-  rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)  # Shape: [B, M]
+  # Absent modalities rank last: the first k of the order are present ones (k capped by present).
+  k, rank = _random_count_and_order(key, present, fraction * batch.num_modalities,
+                                    absent_first=False)
   return present & (rank < k[:, None])
 
 

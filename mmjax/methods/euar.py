@@ -48,7 +48,7 @@ from mmjax.data import Batch
 from mmjax.losses import gaussian_kl_standard_normal, load_balancing_loss, uncertainty_routing_loss
 from mmjax.losses._common import masked_mean
 from mmjax.losses.routing import LOAD_BALANCING_SCALES
-from mmjax.methods.base import Method, TaskSpec, flax_method, head_output
+from mmjax.methods.base import Method, TaskSpec, flax_method
 from mmjax.nn import MixtureOfExperts, encode_modalities
 
 EXPERT_TYPES = ("gaussian", "mlp")
@@ -170,16 +170,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
 
   method = flax_method("euar", model, spec, regularizers)
   if config.sparse_experts:
-    method = dataclasses.replace(method, predict=_predict(model.clone(sparse=True), spec))
+    sparse = flax_method("euar", model.clone(sparse=True), spec)
+    method = dataclasses.replace(method, predict=sparse.predict)
   return method
 
-
-def _predict(model: EUARModel, spec: TaskSpec):
-  """``Method.predict`` of ``model`` (evaluation mode, ``z_j = mu_j``), e.g. the sparse gather."""
-
-  def predict(params, state, batch):
-    del state
-    outputs, _ = model.apply({"params": params}, batch, train=False)
-    return head_output(outputs, spec)
-
-  return predict
