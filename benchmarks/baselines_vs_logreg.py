@@ -141,7 +141,7 @@ def mmjax_accuracy(dataset: Dataset, spec: str, method: str, model: dict[str, An
       checkpointer = Checkpointer(workdir)
       state, _ = checkpointer.restore_latest(result.state)
       checkpointer.close()
-  return evaluate(built, state, dataset.splits["test"], dataset.task)["accuracy"]
+  return evaluate(built, state, dataset.splits["test"], dataset.scoring)["accuracy"]
 
 
 def cell(accuracies: list[float]) -> str:

@@ -59,9 +59,9 @@ def per_sample(diagnose, params, split: data_lib.Batch) -> np.ndarray:
                    np.asarray(out["recovery_error"])[0]], axis=-1).astype(np.float64)
 
 
-def fractions(rows: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
+def fractions(rows: np.ndarray, labels: np.ndarray, scoring: str) -> dict[str, float]:
   """The table's columns from :func:`per_sample` rows (``metrics_fn`` of ``robustness.sweep``)."""
-  del labels, task
+  del labels, scoring
   missing, flagged, correct, error = (rows[:, i] for i in range(4))
   mean_where = lambda x, where: float(x[where].mean()) if where.any() else float("nan")
   missing, flagged = missing.astype(bool), flagged.astype(bool)
@@ -104,7 +104,7 @@ def main(argv: Sequence[str]) -> None:
     _, _, result = experiment.train(config, workdir, resume=True, dataset=dataset,
                                     log=lambda line, s=seed: print(f"[emmr s{s}] {line}"))
     predict_fn = functools.partial(per_sample, diagnose, result.state.params)
-    runs.append(robustness.sweep(predict_fn, dataset.splits["test"], dataset.task, [protocol],
+    runs.append(robustness.sweep(predict_fn, dataset.splits["test"], dataset.scoring, [protocol],
                                  jax.random.PRNGKey(1000 + seed), fractions))
   summary = robustness.aggregate(runs)["drop_one"]
   table = markdown_table(dataset.name, summary, _SEEDS.value)

@@ -90,7 +90,7 @@ def main(argv):
                                            log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
       key = jax.random.PRNGKey(1000 + seed)
       run = robustness.sweep(_predictor(method, result.state, config), dataset.splits["test"],
-                             dataset.task, chosen, key, split_metrics)
+                             dataset.scoring, chosen, key, split_metrics)
       for protocol in matched:
         def fit_level(level, data, protocol=protocol, method=method, name=name, seed=seed):
           level_dir = os.path.join(workdir, f"matched_{protocol.name}", robustness.level_name(level))
@@ -109,15 +109,15 @@ def main(argv):
   robustness.write_json(os.path.join(_WORKDIR.value, "results.json"),
                         {"dataset": dataset.name, "seeds": _SEEDS.value, "per_seed": per_method,
                          "summary": summary})
-  gains = robustness.gain_table(summary, dataset.task)
-  table = (gains + "\n" if gains else "") + robustness.markdown_table(summary, dataset.task)
+  gains = robustness.gain_table(summary, dataset.scoring)
+  table = (gains + "\n" if gains else "") + robustness.markdown_table(summary, dataset.scoring)
   with open(os.path.join(_WORKDIR.value, "results.md"), "w") as f:
     f.write(f"# Robustness on {dataset.name} ({_SEEDS.value} seeds, mean ± std; "
             f"train_corruption={base.train_corruption!r})\n\n{table}")
   print(table)
   if _PLOTS.value:
     curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}") for p in matched]
-    paths = robustness.plot_curves(summary, curves, dataset.task, _WORKDIR.value)
+    paths = robustness.plot_curves(summary, curves, dataset.scoring, _WORKDIR.value)
     print("curves: " + ", ".join(paths))
 
 

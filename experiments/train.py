@@ -33,7 +33,7 @@ def main(argv):
   dataset, method = experiment.exit_on_bad_input(experiment.prepare)(config)
   _, _, result = experiment.train(config, _WORKDIR.value, resume=_RESUME.value, dataset=dataset,
                                   method=method)
-  test = evaluate(method, result.state, dataset.splits["test"], dataset.task,
+  test = evaluate(method, result.state, dataset.splits["test"], dataset.scoring,
                   batch_size=config.eval_batch_size)
   print(f"best epoch {result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
   with open(os.path.join(_WORKDIR.value, "test_metrics.json"), "w") as f:

@@ -35,7 +35,9 @@ __all__ = ["Protocol", "protocols", "select", "level_name", "sweep", "corrupt",
            "write_json"]
 
 # The metric plotted and shown first for each task.
+# Keyed by Dataset.scoring (mmjax.data.SCORINGS).
 HEADLINE = {"regression": ("mae", "acc2_non0", "f1_non0", "acc7", "corr"),
+            "sims_regression": ("mae", "acc2", "f1", "acc3", "acc5", "corr"),
             "classification": ("accuracy", "macro_f1")}
 
 
@@ -46,22 +48,24 @@ MEAN_LEVEL = "mean"
 def sweep(
     predict_fn: Callable[[data_lib.Batch], np.ndarray],
     split: data_lib.Batch,
-    task: str,
+    scoring: str,
     chosen: Sequence[Protocol],
     key: jax.Array,
     metrics_fn: Callable[[np.ndarray, np.ndarray, str], dict[str, float]],
 ) -> dict[str, dict[str, dict[str, float]]]:
   """``{protocol: {level: metrics}}`` of ``predict_fn`` on corrupted copies of ``split``.
 
-  Numeric sweeps also get a ``"mean"`` entry: every metric averaged over the levels (equal weights),
-  so that the mean ± std over seeds of :func:`aggregate` is taken over per-seed averages.
+  ``scoring`` (``Dataset.scoring``) is passed to ``metrics_fn``. Each sweep also gets a ``"mean"``
+  entry: every metric averaged over ``Protocol.averaged_levels`` (equal weights; for
+  ``fixed_subsets`` the incomplete subsets), so that the mean ± std over seeds of :func:`aggregate`
+  is taken over per-seed averages.
   """
   labels = np.asarray(split.label)
   results: dict[str, dict[str, dict[str, float]]] = {}
   for protocol in chosen:
     results[protocol.name] = {
         level_name(level): metrics_fn(predict_fn(corrupt(split, protocol, level, key)), labels,
-                                      task)
+                                      scoring)
         for level in protocol.levels}
     _add_mean(results[protocol.name], protocol)
   return results
@@ -99,7 +103,7 @@ def matched_sweep(
     dataset: the clean dataset.
     protocol: a numeric protocol.
     key: the seed's key; the test corruption equals :func:`sweep`'s for the same key.
-    metrics_fn: ``(predictions, labels, task) -> metrics``.
+    metrics_fn: ``(predictions, labels, scoring) -> metrics`` (``scoring = dataset.scoring``).
   """
   if not protocol.numeric:
     raise ValueError(f"--matched: {protocol.name!r} has no numeric levels to train at")
@@ -110,15 +114,16 @@ def matched_sweep(
     predict_fn = fit_level(level, dataclasses.replace(
         dataset, splits={**dataset.splits, "valid": valid}))
     results[level_name(level)] = metrics_fn(
-        predict_fn(corrupt(test, protocol, level, key)), np.asarray(test.label), dataset.task)
+        predict_fn(corrupt(test, protocol, level, key)), np.asarray(test.label), dataset.scoring)
   _add_mean(results, protocol)
   return results
 
 
 def _add_mean(results: dict[str, dict[str, float]], protocol: Protocol) -> None:
-  """Adds the ``"mean"`` pseudo-level to a numeric sweep (EASE Table 1 averages over rates)."""
-  if protocol.numeric:
-    levels = [results[level_name(level)] for level in protocol.levels]
+  """Adds the ``"mean"`` pseudo-level: every metric averaged over ``protocol.averaged_levels``
+  (all rates; for ``fixed_subsets`` the incomplete subsets, as EASE Table 3)."""
+  levels = [results[level_name(level)] for level in protocol.averaged_levels]
+  if levels:
     results[MEAN_LEVEL] = {m: float(np.mean([r[m] for r in levels])) for m in levels[0]}
 
 
@@ -135,14 +140,16 @@ def aggregate(per_seed: list[dict[str, dict[str, dict[str, float]]]]
   return out
 
 
-def gain_table(summary: dict[str, dict[str, Any]], task: str, reference: str = "concat") -> str:
-  """What each method buys over ``reference``: per protocol, the headline metric at level 0 (clean)
-  and averaged over the levels (``"mean"``), mean ± std over seeds, and the difference of the
-  means to ``reference`` (higher is better for every metric but MAE). ``""`` without ``reference``.
+def gain_table(summary: dict[str, dict[str, Any]], scoring: str, reference: str = "concat"
+               ) -> str:
+  """What each method buys over ``reference``: per protocol, the headline metric clean (level 0,
+  or the full modality set) and averaged over the levels (``"mean"``), mean ± std over seeds, and
+  the difference of the means to ``reference`` (higher is better for every metric but MAE).
+  ``""`` without ``reference``.
   """
   if reference not in summary:
     return ""
-  metric = HEADLINE[task][0]
+  metric = HEADLINE[scoring][0]
   percent = metric not in ("mae", "corr")
   scale = 100.0 if percent else 1.0
   better = "lower" if metric == "mae" else "higher"
@@ -154,7 +161,7 @@ def gain_table(summary: dict[str, dict[str, Any]], task: str, reference: str = "
   for protocol, levels in ref.items():
     if MEAN_LEVEL not in levels:
       continue
-    clean = next(iter(levels))
+    clean = _clean_level_name(levels)
     for method, result in summary.items():
       cells = []
       for level in (clean, MEAN_LEVEL):
@@ -165,9 +172,20 @@ def gain_table(summary: dict[str, dict[str, Any]], task: str, reference: str = "
   return "\n".join(lines + [""])
 
 
-def markdown_table(summary: dict[str, dict[str, Any]], task: str) -> str:
+def _clean_level_name(levels: Sequence[str]) -> str:
+  """The uncorrupted level among a sweep's level names: the first numeric one ("0"), or the
+  largest modality subset ("text+audio+vision")."""
+  names = [name for name in levels if name != MEAN_LEVEL]
+  try:
+    float(names[0])
+    return names[0]
+  except ValueError:
+    return max(names, key=lambda name: len(name.split("+")))
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], scoring: str) -> str:
   """One table per protocol: rows = levels x methods, columns = headline metrics (mean ± std)."""
-  metrics = HEADLINE[task]
+  metrics = HEADLINE[scoring]
   lines = []
   protocol_names = next(iter(summary.values())).keys()
   for protocol in protocol_names:
@@ -183,14 +201,14 @@ def markdown_table(summary: dict[str, dict[str, Any]], task: str) -> str:
   return "\n".join(lines)
 
 
-def plot_curves(summary: dict[str, dict[str, Any]], chosen: Sequence[Protocol], task: str,
+def plot_curves(summary: dict[str, dict[str, Any]], chosen: Sequence[Protocol], scoring: str,
                 directory: str) -> list[str]:
   """One PNG per protocol with numeric levels: headline metric vs level, one line per method."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  metric = HEADLINE[task][0]
+  metric = HEADLINE[scoring][0]
   paths = []
   for protocol in chosen:
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -17,7 +17,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from mmjax.data import Batch, iterate_batches, make_synthetic, standardize
+from mmjax.data import (
+    Batch, iterate_batches, make_synthetic, mask_time_steps, sentiment_to_class, standardize)
 from mmjax.methods import REGISTRY, TaskSpec, build, default_model_config
 from mmjax.methods.euar import EUARModel
 from mmjax.train import TrainState, default_train_config, evaluate, fit, make_train_step
@@ -249,6 +250,29 @@ def test_only_training_mode_is_random(name, overrides, spec, batch):
   assert train1[0] != train2[0]
   assert not np.allclose(train1[1], train2[1])
   assert not np.allclose(train1[1], eval1[1])
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_predict_never_reads_the_clean_copy(name, spec, batch):
+  """Every method: ``predict`` on a corrupted batch is unchanged when its clean copy
+  (``full_features``, ``full_step_mask``) is replaced by noise."""
+  config = default_model_config(name)
+  config.hidden = 16
+  if "num_heads" in config:
+    config.num_heads = 2
+  if name == "emmr":  # a classifier
+    spec = TaskSpec("classification", 3, spec.modalities, spec.feature_shapes)
+    batch = batch.replace(label=np.asarray(sentiment_to_class(batch.label, 3)))
+  method = build(name, config, spec)
+  params, state = method.init(jax.random.key(1), batch)
+  corrupted = mask_time_steps(jax.random.key(2), batch, 0.5)
+  keys = jax.random.split(jax.random.key(3), len(batch.modalities))
+  noise = corrupted.replace(
+      full_features={m: 5.0 * jax.random.normal(k, np.shape(x))
+                     for k, (m, x) in zip(keys, corrupted.full_features.items())},
+      full_step_mask={m: np.ones_like(x) for m, x in corrupted.full_step_mask.items()})
+  predict = jax.jit(method.predict)
+  np.testing.assert_array_equal(predict(params, state, corrupted), predict(params, state, noise))
 
 
 # ----------------------------------------------------------------------------- training

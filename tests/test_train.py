@@ -221,3 +221,28 @@ def test_early_stopping_returns_best_epoch(method, dataset):
 def test_batch_size_must_divide_device_count(method, dataset):
   with pytest.raises(ValueError, match="batch_size"):
     fit(method, dataset, _config(batch_size=6), log=_quiet)
+
+
+def test_sims_style_labels_are_scored_with_sims_metrics():
+  """Labels in [-1, 1] (CH-SIMS): validation uses sims_regression_metrics (acc2/3/5, f1), and the
+  model selection its MAE; MOSI-range labels keep the MOSI metrics."""
+  from mmjax import metrics  # pylint: disable=g-import-not-at-top
+  from mmjax.train import predict  # pylint: disable=g-import-not-at-top
+  base = standardize(make_synthetic(jax.random.key(3), n_train=64, n_valid=32, n_test=8,
+                                    seq_len=2, dims=4))
+  assert base.scoring == "regression"
+  sims = dataclasses.replace(base, splits={
+      name: b.replace(label=np.asarray(b.label) / 3.0) for name, b in base.splits.items()})
+  assert sims.scoring == "sims_regression"
+  method = build("concat", default_model_config("concat"), TaskSpec.from_dataset(sims))
+  config = default_train_config()
+  config.update(num_epochs=2, batch_size=32, progress=False)
+  result = fit(method, sims, config, log=_quiet)
+  assert {"valid/acc2", "valid/acc3", "valid/acc5", "valid/f1", "valid/mae"} <= set(
+      result.history[-1])
+  assert "valid/acc7" not in result.history[-1]
+  want = metrics.sims_regression_metrics(
+      predict(method, result.state, sims.splits["valid"], batch_size=32),
+      sims.splits["valid"].label)
+  assert result.best_valid == pytest.approx(want, rel=1e-6)
+  assert evaluate(method, result.state, sims.splits["valid"], sims.scoring) == pytest.approx(want)

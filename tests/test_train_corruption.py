@@ -78,7 +78,8 @@ def test_method_regimes():
   stub = lambda name: Method(name, None, None, None)
   got = {name: train_corruption(stub(name), data, config) for name in ("ease", "emmr", "euar")}
   assert got["euar"] is None
-  assert [(t.protocol.name, t.low, t.high) for t in got["ease"].terms] == [("missing_rate", .5, .5)]
+  assert [(t.protocol.name, t.low, t.high) for t in got["ease"].terms] == [("time_mask", 0., 1.)]
+  assert got["ease"].clean_fraction == 0.5  # EASE App. A.3 / LNLN
   assert [(t.protocol.name, t.low, t.high) for t in got["emmr"].terms] == [("drop_one", .5, .5)]
   config.train_corruption = "none"
   assert train_corruption(stub("ease"), data, config) is None

@@ -13,7 +13,7 @@ from mmjax.data.corruption import (
     drop_modalities, drop_one_modality, gaussian_noise, keep_modalities, laplace_noise,
     laplace_or_erasing, mask_time_steps, mix_noise, modality_subsets, noisy_views, random_erasing,
     salt_pepper_noise, samplewise_gaussian_noise, samplewise_salt_pepper_noise)
-from mmjax.data.dataset import SPLITS, Dataset
+from mmjax.data.dataset import SCORINGS, SPLITS, Dataset
 from mmjax.data.protocols import Protocol
 from mmjax.data.train_corruption import (
     FAIR_RECIPE, TRAIN_CORRUPTION_STREAM, TrainCorruption, parse_train_corruption)

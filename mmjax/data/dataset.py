@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from mmjax.data.batch import TASKS, Batch
 
 SPLITS = ("train", "valid", "test")
+
+# How predictions are scored (mmjax.train.split_metrics): MOSI / MOSEI regression (labels in
+# [-3, 3]), CH-SIMS regression (labels in [-1, 1]) or classification.
+SCORINGS = ("regression", "sims_regression", "classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,15 @@ class Dataset:
   @property
   def modalities(self) -> tuple[str, ...]:
     return self.splits["train"].modalities
+
+  @property
+  def scoring(self) -> str:
+    """One of :data:`SCORINGS`: ``"sims_regression"`` for a regression task whose labels all lie in
+    [-1, 1] (CH-SIMS; MOSI / MOSEI labels span [-3, 3]), else the task."""
+    if self.task == "regression" and all(
+        np.all(np.abs(np.asarray(b.label)) <= 1.0) for b in self.splits.values()):
+      return "sims_regression"
+    return self.task
 
   def feature_shapes(self) -> dict[str, tuple[int, int]]:
     """Modality -> per-sample ``(T, D)``."""

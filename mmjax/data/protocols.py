@@ -64,6 +64,20 @@ class Protocol:
     """Whether the levels are numbers (a train-time distribution can be drawn over them)."""
     return not isinstance(self.levels[0], tuple)
 
+  @property
+  def clean_level(self) -> Any:
+    """The uncorrupted level: 0 for numeric protocols, the full modality set for subsets."""
+    return self.levels[0] if self.numeric else max(self.levels, key=len)
+
+  @property
+  def averaged_levels(self) -> tuple[Any, ...]:
+    """The levels a table's "mean" averages: every level of a numeric protocol (EASE Tables 1-2
+    average the rates 0 ... 0.9), every incomplete subset of ``fixed_subsets`` (EASE Table 3
+    averages {l}/{a}/{v}/{l,a}/{l,v}/{a,v}, the full set excluded)."""
+    if self.numeric:
+      return self.levels
+    return tuple(level for level in self.levels if level != self.clean_level)
+
 
 def protocols(modalities: Sequence[str], noise_modalities: Sequence[str] | None = None,
               view_fraction: float = 0.5) -> dict[str, Protocol]:

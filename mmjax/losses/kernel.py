@@ -20,6 +20,7 @@ def kernel_cs_divergence(
     alpha: float = 0.0,
     x_where: Any = None,
     y_where: Any = None,
+    normalize: bool = False,
 ) -> jax.Array:
   """Kernel Cauchy-Schwarz divergence between two sample sets.
 
@@ -34,8 +35,17 @@ def kernel_cs_divergence(
   with means over all (selected) pairs, which equals the paper's sums when ``N = M``. Every mean is
   evaluated in log space (``logsumexp`` of the kernel exponents), so the value stays finite when all
   kernels underflow. ``u = 0`` when an uncertainty is ``None``; with ``alpha = 0`` the kernel is
-  positive definite and ``D >= 0`` (= 0 when both sets are equal); an adaptive bandwidth can make
-  the kernel indefinite, and then ``D`` can be slightly negative.
+  positive definite and ``D >= 0`` (= 0 when both sets are equal). As the paper writes it, an
+  adaptive bandwidth makes the kernel indefinite: ``D`` can be negative and falls as the
+  uncertainties grow (``D(x, x) < 0`` once ``u > 0``, down to ``0.5 log mean K(x, x)``), so a
+  model can lower it by inflating them.
+
+  ``normalize=True`` multiplies each kernel by ``psi^(-D/2)``, the normalisation of a Gaussian of
+  covariance ``tau^2 psi I``. Then ``K(a, b) ∝ <N(a, s_a^2 I), N(b, s_b^2 I)>_{L2}`` with
+  ``s^2 = tau^2 (1 + alpha u) / 2``: every sample is a Gaussian whose width grows with its
+  uncertainty, and ``D`` is the Cauchy-Schwarz divergence of the two equal-weight Gaussian mixtures
+  — ``>= 0`` always, ``= 0`` iff the mixtures coincide, and for coincident centres it grows with
+  the uncertainty. With ``alpha = 0`` (or all ``u = 0``) both forms agree.
 
   Args:
     x: ``<float>[..., N, D]`` samples (EASE: real features ``z``).
@@ -47,6 +57,8 @@ def kernel_cs_divergence(
     alpha: ``>= 0``, how much uncertainty widens the kernel.
     x_where: optional ``<bool>[..., N]`` samples of ``x`` that count.
     y_where: optional ``<bool>[..., M]``. If either selection is empty the result is 0.
+    normalize: the Gaussian normalisation ``psi^(-D/2)`` of every kernel (see above; EASE's
+      default in mmjax, ``model.uada_normalize``); ``False`` is eq. 5 as written.
 
   Returns:
     ``<float32>[...]`` (a scalar for unbatched inputs).
@@ -76,6 +88,8 @@ def kernel_cs_divergence(
                - 2.0 * jnp.einsum("...nd,...md->...nm", a, b, precision="highest"))
     psi = 1.0 + alpha * 0.5 * (u_a[..., :, None] + u_b[..., None, :])
     exponent = -jnp.maximum(sq_dist, 0.0) / (scale * psi)
+    if normalize:
+      exponent = exponent - 0.5 * a.shape[-1] * jnp.log(psi)
     pair = w_a[..., :, None] & w_b[..., None, :]
     count = jnp.sum(pair, axis=(-2, -1))
     safe = jnp.where(pair, exponent, 0.0)

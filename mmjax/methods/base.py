@@ -37,16 +37,26 @@ LossOutput = tuple[jax.Array, tuple[dict[str, jax.Array], MethodState, jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """What a method must know about the data: task, classes, modalities and their shapes."""
+  """What a method must know about the data: task, classes, modalities and their shapes.
+
+  ``scoring`` is ``Dataset.scoring`` (``"sims_regression"`` for labels in [-1, 1]); ``None``
+  means the task itself.
+  """
 
   task: str
   num_classes: int | None
   modalities: tuple[str, ...]
   feature_shapes: dict[str, tuple[int, int]]
+  scoring: str | None = None
+
+  def __post_init__(self):
+    if self.scoring is None:
+      object.__setattr__(self, "scoring", self.task)
 
   @classmethod
   def from_dataset(cls, dataset: Dataset) -> TaskSpec:
-    return cls(dataset.task, dataset.num_classes, dataset.modalities, dataset.feature_shapes())
+    return cls(dataset.task, dataset.num_classes, dataset.modalities, dataset.feature_shapes(),
+               dataset.scoring)
 
   @property
   def output_dim(self) -> int:

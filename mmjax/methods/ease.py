@@ -69,6 +69,7 @@ import ml_collections
 import optax
 
 from mmjax.data import Batch, sentiment_to_class
+from mmjax.metrics import SIMS_BIN_EDGES
 from mmjax.losses import (
     anchored_consistency_loss, gaussian_cs_divergence, gaussian_nll, kernel_cs_divergence,
     predictive_consistency_loss)
@@ -80,9 +81,10 @@ REGRESSION_BINS = 3  # sentiment bins used as classes (anchors, MIPC) for regres
 MIN_VAR = 1e-6  # epsilon of eq. 2 and eq. 29
 
 
-# EASE's training regime (config.train_corruption = "method"): every training batch loses
-# modalities at missing rate 0.5 (mmjax.data.drop_modalities), so UCMI always has targets.
-TRAIN_CORRUPTION = "missing_rate:0.5"
+# EASE's training regime (config.train_corruption = "method"), App. A.3 following LNLN: per sample
+# a time-step masking rate ~ U(0, 1) (mmjax.data.mask_time_steps), half of the samples clean.
+# Whole-modality dropping instead: --config.train_corruption=missing_rate:0.5.
+TRAIN_CORRUPTION = "time_mask:0:1+clean:0.5"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,8 +95,13 @@ def default_config() -> ml_collections.ConfigDict:
       mlp_ratio=2,
       dropout=0.0,
       num_views=2,
+      # A modality with fewer observed steps (step_mask & present) is completed like an absent one.
+      min_observed_steps=1,
       kernel_bandwidth=1.0,  # tau / sqrt(hidden)
       kernel_alpha=1.0,  # alpha of eq. 6 (not given in the paper)
+      # Gaussian normalisation psi^(-d/2) of the eq. 5 kernel (L_uada >= 0, not lowered by
+      # inflating the variances); False = eq. 5-7 as written.
+      uada_normalize=True,
       anchor_momentum=0.9,
       lambda_ucmi=0.5,
       lambda_align=0.2,
@@ -179,7 +186,7 @@ class EASEModel(nn.Module):
 
   def __call__(self, features: dict[str, jax.Array], masks: dict[str, jax.Array],
                available: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """Evaluation forward pass: encode, complete the unavailable modalities with ``mu``, predict."""
+    """Initialisation pass over every sub-module: encode, complete with ``mu``, predict."""
     z = self.encode(features, masks, train=False)
     mu, _ = self.complete(z, available)
     return self.head(jnp.where(available[..., None], z, mu))
@@ -207,27 +214,55 @@ def sample_views(key: jax.Array, num_views: int, batch_size: int, num_modalities
 
 
 def class_labels(batch: Batch, spec: TaskSpec) -> jax.Array:
-  """``[B]`` int classes: the labels, or their 3 sentiment bins for regression."""
-  if spec.task == "regression":
-    return sentiment_to_class(batch.label, REGRESSION_BINS)
-  return jnp.asarray(batch.label, jnp.int32)
+  """``[B]`` int classes: the labels, or for regression their 3 sentiment bins on the data's scale.
+
+  MOSI / MOSEI (``spec.scoring == "regression"``): :func:`mmjax.data.sentiment_to_class` (negative
+  ``< -0.5``, neutral, positive ``> 0.5``); CH-SIMS (``"sims_regression"``): the ``acc3`` bins of
+  :data:`mmjax.metrics.SIMS_BIN_EDGES` (``(-1, -0.1]``, ``(-0.1, 0.1]``, ``(0.1, 1]``).
+  """
+  if spec.task != "regression":
+    return jnp.asarray(batch.label, jnp.int32)
+  if spec.scoring == "sims_regression":
+    inner = jnp.asarray(SIMS_BIN_EDGES[REGRESSION_BINS][1:-1])
+    label = jnp.clip(jnp.asarray(batch.label), -1.0, 1.0)
+    return jnp.sum(label[:, None] > inner, axis=-1).astype(jnp.int32)
+  return sentiment_to_class(batch.label, REGRESSION_BINS)
+
+
+def availability(batch: Batch, present: jax.Array, min_observed_steps: int) -> jax.Array:
+  """``[B, M]`` bool: present modalities with at least ``min_observed_steps`` observed steps.
+
+  The others — absent, or degraded by intra-modal missingness (``mask_time_steps`` at rate 1
+  masks every step) — are completed by UCMI; with the default 1 a fully masked modality is exactly
+  an absent one (its encoding, the context of the others and the losses are the same).
+  """
+  observed = _observed_masks(batch, present)
+  counts = jnp.stack([jnp.sum(observed[m], axis=-1) for m in batch.modalities], axis=1)
+  return present & (counts >= min_observed_steps)
 
 
 def init_anchors(num_modalities: int, num_classes: int, hidden: int) -> dict[str, jax.Array]:
-  """Empty anchors: mean 0, variance 1, ``seen`` False (set by the first batch with the class)."""
+  """Anchors before any data: the prior ``N(0, I)`` (``E[z] = 0``, ``E[z^2] = 1``), ``seen`` False."""
   return {"mean": jnp.zeros((num_modalities, num_classes, hidden)),
-          "var": jnp.ones((num_modalities, num_classes, hidden)),
+          "second": jnp.ones((num_modalities, num_classes, hidden)),
           "seen": jnp.zeros((num_classes,), bool)}
+
+
+def anchor_variance(anchors: dict[str, jax.Array]) -> jax.Array:
+  """``Sigma_k = max(E[z^2] - E[z]^2, 0) + 1e-6`` (eq. 29's diagonal covariance), ``[M, K, d]``."""
+  return jnp.maximum(anchors["second"] - jnp.square(anchors["mean"]), 0.0) + MIN_VAR
 
 
 def update_anchors(anchors: dict[str, jax.Array], z_gt: jax.Array, classes: jax.Array,
                    valid: jax.Array, momentum: float) -> dict[str, jax.Array]:
-  """EMA of the per-class statistics of ``sg(z_gt) [B, M, d]`` (App. B.2 eq. 28-29).
+  """EMA of the per-class moments ``E[z]``, ``E[z^2]`` of ``sg(z_gt) [B, M, d]`` (App. B.2, eq. 28-29).
 
-  Batch statistics per modality ``m`` and class ``k`` over valid samples of class ``k``:
-  ``mean = sum z / n_k``, ``var = sum (z - mean)^2 / n_k + 1e-6``; then
-  ``new = momentum * old + (1 - momentum) * batch`` (``batch`` directly the first time class ``k``
-  is seen; unchanged when ``n_k = 0``).
+  For modality ``m`` and class ``k`` with ``n_k > 0`` valid samples in the batch:
+  ``E[z] <- momentum E[z] + (1 - momentum) mean_k(z)`` and the same for ``E[z^2]`` with
+  ``mean_k(z^2)``; classes absent from the batch keep theirs. Both moments start from the prior of
+  :func:`init_anchors`, so the variance of :func:`anchor_variance` includes the spread between
+  batches and never collapses to ``1e-6`` for a class seen once (a single sample per batch, or a
+  class met in one batch only, keeps most of the prior's unit variance for a while).
   """
   z = jax.lax.stop_gradient(z_gt)
   num_classes = anchors["seen"].shape[0]
@@ -235,15 +270,13 @@ def update_anchors(anchors: dict[str, jax.Array], z_gt: jax.Array, classes: jax.
   count = onehot.sum(0)  # [K]
   denom = jnp.maximum(count, 1.0)[None, :, None]
   mean = jnp.einsum("bk,bmd->mkd", onehot, z) / denom  # [M, K, d]
-  diff = z[:, :, None, :] - mean[None]  # [B, M, K, d]
-  var = jnp.einsum("bk,bmkd->mkd", onehot, jnp.square(diff)) / denom + MIN_VAR
+  second = jnp.einsum("bk,bmd->mkd", onehot, jnp.square(z)) / denom
   has = (count > 0)[None, :, None]
-  seen = anchors["seen"][None, :, None]
 
   def blend(old, new):
-    return jnp.where(has, jnp.where(seen, momentum * old + (1.0 - momentum) * new, new), old)
+    return jnp.where(has, momentum * old + (1.0 - momentum) * new, old)
 
-  return {"mean": blend(anchors["mean"], mean), "var": blend(anchors["var"], var),
+  return {"mean": blend(anchors["mean"], mean), "second": blend(anchors["second"], second),
           "seen": anchors["seen"] | (count > 0)}
 
 
@@ -257,6 +290,8 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
                      f"{config.anchor_momentum}")
   if config.num_views < 2:
     raise ValueError(f"model.num_views: expected >= 2, got {config.num_views}")
+  if config.min_observed_steps < 1:
+    raise ValueError(f"model.min_observed_steps: expected >= 1, got {config.min_observed_steps}")
   model = make_model(config, spec)
   regression = spec.task == "regression"
   bandwidth = config.kernel_bandwidth * math.sqrt(config.hidden)
@@ -267,7 +302,15 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     return params, init_anchors(len(spec.modalities), model.num_classes, config.hidden)
 
   def forward(params, available, z, key, train):
-    """Completes the unavailable modalities and predicts: logits, score, mu, var, z_hat."""
+    """Completes the unavailable modalities and predicts: logits, score, mu, var, z_hat.
+
+    Without UCMI (``use_ucmi=False``, Table 4 "w/o UCMI") nothing is completed: an unavailable
+    modality enters the head as ``z = 0`` and ``mu``, ``var``, ``z_hat`` are ``None``.
+    """
+    if not config.use_ucmi:
+      logits, score = model.apply(
+          {"params": params}, jnp.where(available[..., None], z, 0.0), method="head")
+      return logits, score, None, None, None
     mu, var = model.apply({"params": params}, z, available, method="complete")
     z_hat = mu + jnp.sqrt(var) * jax.random.normal(key, mu.shape) if train else mu
     logits, score = model.apply(
@@ -279,9 +322,11 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     rngs = {"dropout": dropout_key} if train else {}
     present = jnp.asarray(batch.present)
     valid = jnp.asarray(batch.valid)
+    available = availability(batch, present, config.min_observed_steps)
 
-    z, z_gt = encode_observed_and_clean(model, params, batch, present, train=train, rngs=rngs)
-    available = present
+    z = model.apply({"params": params}, batch.features, _observed_masks(batch, present),
+                    train=train, method="encode", rngs=rngs)
+    z_gt = clean_encoding(model, params, batch, z, train=train, rngs=rngs)
     logits, score, mu, var, z_hat = forward(
         params, available, z, jax.random.fold_in(sample_key, 0), train)
     predictions = score if regression else logits
@@ -295,27 +340,27 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     else:
       metrics["task"] = _cross_entropy(logits, classes, valid)
     total = metrics["task"] + metrics.get("task_bins", 0.0)
-    metrics["var_missing"] = masked_mean(jnp.mean(var, -1), missing)
 
     if config.use_ucmi:
-      nll = gaussian_nll(jax.lax.stop_gradient(z_gt), mu, var)  # [B, M]
+      metrics["var_missing"] = masked_mean(jnp.mean(var, -1), missing)
+      nll = gaussian_nll(z_gt, mu, var)  # [B, M]
       metrics["ucmi"] = masked_mean(nll, missing)
       total = total + config.lambda_ucmi * metrics["ucmi"]
 
-    if config.use_ucsa and (config.use_uada or config.use_anchor):
+    if config.use_ucmi and config.use_ucsa and (config.use_uada or config.use_anchor):
       metrics["align"] = 0.0
       if config.use_uada:
         real = (available & valid[:, None]).T  # [M, B]
         uada = kernel_cs_divergence(
             z.transpose(1, 0, 2), z_hat.transpose(1, 0, 2), bandwidth=bandwidth,
             y_uncertainty=jnp.mean(var, -1).T, alpha=config.kernel_alpha, x_where=real,
-            y_where=missing.T)  # [M]
+            y_where=missing.T, normalize=config.uada_normalize)  # [M]
         metrics["uada"] = masked_mean(uada, real.any(-1) & missing.T.any(-1))
         metrics["align"] = metrics["align"] + metrics["uada"]
       if config.use_anchor:
         anchors = jax.lax.stop_gradient(state)
         anchor_mean = anchors["mean"][:, classes].transpose(1, 0, 2)  # [B, M, d]
-        anchor_var = anchors["var"][:, classes].transpose(1, 0, 2)
+        anchor_var = anchor_variance(anchors)[:, classes].transpose(1, 0, 2)
         anchor = gaussian_cs_divergence(z_hat, var, anchor_mean, anchor_var)  # [B, M]
         metrics["anchor"] = masked_mean(anchor, missing & anchors["seen"][classes][:, None])
         metrics["align"] = metrics["align"] + config.beta_anchor * metrics["anchor"]
@@ -325,8 +370,8 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
       subsets = sample_views(view_key, config.num_views, batch.batch_size, len(spec.modalities))
       view_logits = []
       for v in range(config.num_views):
-        view = present & subsets[v]
-        view = jnp.where(view.any(-1, keepdims=True), view, present)
+        view = available & subsets[v]
+        view = jnp.where(view.any(-1, keepdims=True), view, available)
         view_logits.append(forward(
             params, view, z, jax.random.fold_in(sample_key, v + 1), train)[0])
       view_logits = jnp.stack(view_logits)  # [V, B, C]
@@ -348,27 +393,37 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
   def predict(params, state, batch):
     del state
     present = jnp.asarray(batch.present)
-    logits, score = model.apply(
-        {"params": params}, batch.features, _observed_masks(batch, present), present)
+    available = availability(batch, present, config.min_observed_steps)
+    z = model.apply({"params": params}, batch.features, _observed_masks(batch, present),
+                    train=False, method="encode")
+    logits, score, *_ = forward(params, available, z, None, False)
     return score if regression else logits
 
   return Method(name="ease", init=init, loss=loss, predict=predict)
 
 
-def encode_observed_and_clean(model: EASEModel, params, batch: Batch, present: jax.Array, *,
-                              train: bool, rngs: dict[str, jax.Array]
-                              ) -> tuple[jax.Array, jax.Array]:
-  """``z`` of the corrupted input (steps ``step_mask & present``) and ``z^gt`` of the clean copy.
+def clean_encoding(model: EASEModel, params, batch: Batch, z: jax.Array, *, train: bool,
+                   rngs: dict[str, jax.Array]) -> jax.Array:
+  """``sg(z^gt) [B, M, d]``, the encoding of the clean copy, never back-propagated.
 
-  One encoder pass over ``[corrupted; clean]`` stacked on the batch axis (half the compiled graph).
-  Returns two ``[B, M, d]`` arrays.
+  If the batch is uncorrupted (``features``, ``step_mask`` equal to ``full_features``,
+  ``full_step_mask`` and every modality present) the encoding ``z`` of the input is ``z^gt``
+  already and is reused; otherwise a forward-only pass encodes the clean copy (``lax.cond``: only
+  the branch taken runs). Either way no gradient flows through ``z^gt`` — every loss reads it
+  through a stop-gradient (eq. 4, the anchors, the full view of eq. 11).
   """
-  observed = _observed_masks(batch, present)
-  return jnp.split(model.apply(
-      {"params": params},
-      {m: jnp.concatenate([batch.features[m], batch.full_features[m]]) for m in model.modalities},
-      {m: jnp.concatenate([observed[m], batch.full_step_mask[m]]) for m in model.modalities},
-      train=train, method="encode", rngs=rngs), 2)
+  uncorrupted = jnp.all(jnp.asarray(batch.present))
+  for m in model.modalities:
+    uncorrupted &= jnp.array_equal(batch.features[m], batch.full_features[m])
+    uncorrupted &= jnp.array_equal(batch.step_mask[m], batch.full_step_mask[m])
+
+  def encode_clean(z, frozen, clean):
+    del z
+    return model.apply({"params": frozen}, clean, batch.full_step_mask, train=train,
+                       method="encode", rngs=rngs)
+
+  operands = jax.lax.stop_gradient((z, params, dict(batch.full_features)))
+  return jax.lax.cond(uncorrupted, lambda z, *_: z, encode_clean, *operands)
 
 
 def imputation_moments(params, batch: Batch, config: ml_collections.ConfigDict, spec: TaskSpec
@@ -377,21 +432,24 @@ def imputation_moments(params, batch: Batch, config: ml_collections.ConfigDict, 
 
   Args:
     params: EASE parameters (``TrainState.params``).
-    batch: a batch whose ``present`` marks the dropped modalities (e.g. from
-      :func:`mmjax.data.drop_modalities`); ``full_features`` is the clean copy.
+    batch: a corrupted batch (e.g. from :func:`mmjax.data.drop_modalities`); the completed
+      modalities are those of :func:`availability`; ``full_features`` is the clean copy.
     config: the EASE model config the parameters were trained with.
     spec: the task of the data.
 
   Returns:
     ``z_gt, mu, var`` ``[B, M, d]`` (the clean encoding, the target of eq. 4, and eq. 1-2 for every
     target modality) and ``pairs [B, M]`` bool, the (valid sample, missing modality) pairs
-    ``valid & ~present`` where the imputation is used.
+    ``valid & ~available`` where the imputation is used.
   """
   model = make_model(config, spec)
   present = jnp.asarray(batch.present)
-  z, z_gt = encode_observed_and_clean(model, params, batch, present, train=False, rngs={})
-  mu, var = model.apply({"params": params}, z, present, method="complete")
-  return z_gt, mu, var, ~present & jnp.asarray(batch.valid)[:, None]
+  available = availability(batch, present, config.min_observed_steps)
+  z = model.apply({"params": params}, batch.features, _observed_masks(batch, present),
+                  train=False, method="encode")
+  z_gt = clean_encoding(model, params, batch, z, train=False, rngs={})
+  mu, var = model.apply({"params": params}, z, available, method="complete")
+  return z_gt, mu, var, ~available & jnp.asarray(batch.valid)[:, None]
 
 
 def imputation_residuals(params, batch: Batch, config: ml_collections.ConfigDict,

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from mmjax import metrics as metrics_lib
 from mmjax.data import (
-    Batch, Dataset, TrainCorruption, check_batch_size, iterate_batches, num_batches,
+    SCORINGS, Batch, Dataset, TrainCorruption, check_batch_size, iterate_batches, num_batches,
     parse_train_corruption)
 from mmjax.data import protocols as protocols_lib
 from mmjax.data.train_corruption import describe as describe_corruption
@@ -40,7 +40,9 @@ from mmjax.train.state import TrainState
 from mmjax.train.steps import compile_steps, mask_optimizer
 
 # Validation metric used for model selection when config.select_metric == "auto".
-AUTO_SELECT = {"regression": ("mae", "min"), "classification": ("accuracy", "max")}
+# Keyed by Dataset.scoring (mmjax.data.SCORINGS).
+AUTO_SELECT = {"regression": ("mae", "min"), "sims_regression": ("mae", "min"),
+               "classification": ("accuracy", "max")}
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -87,11 +89,18 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return opt
 
 
-def split_metrics(predictions: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
-  """Paper metrics of one split (``mmjax.metrics``): MSA regression or classification."""
-  if task == "regression":
+def split_metrics(predictions: np.ndarray, labels: np.ndarray, scoring: str) -> dict[str, float]:
+  """Paper metrics of one split (``mmjax.metrics``) for ``scoring`` = ``Dataset.scoring``:
+  ``"regression"`` MOSI / MOSEI (:func:`~mmjax.metrics.msa_regression_metrics`),
+  ``"sims_regression"`` CH-SIMS (:func:`~mmjax.metrics.sims_regression_metrics`) or
+  ``"classification"``."""
+  if scoring == "regression":
     return metrics_lib.msa_regression_metrics(predictions, labels)
-  return metrics_lib.classification_metrics(predictions, labels)
+  if scoring == "sims_regression":
+    return metrics_lib.sims_regression_metrics(predictions, labels)
+  if scoring == "classification":
+    return metrics_lib.classification_metrics(predictions, labels)
+  raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
 
 
 def predict(method: Method, state: TrainState, split: Batch, *, batch_size: int,
@@ -113,12 +122,12 @@ def _compiled_eval_step(method: Method, mesh: Mesh) -> Callable[..., Any]:
   return compile_steps(method, optax.identity(), mesh)[1]
 
 
-def evaluate(method: Method, state: TrainState, split: Batch, task: str, *, batch_size: int = 256,
-             mesh: Mesh | None = None, eval_step: Callable[..., Any] | None = None
-             ) -> dict[str, float]:
-  """Paper metrics of ``method`` on ``split``."""
+def evaluate(method: Method, state: TrainState, split: Batch, scoring: str, *,
+             batch_size: int = 256, mesh: Mesh | None = None,
+             eval_step: Callable[..., Any] | None = None) -> dict[str, float]:
+  """Paper metrics of ``method`` on ``split`` (``scoring``: see :func:`split_metrics`)."""
   preds = predict(method, state, split, batch_size=batch_size, mesh=mesh, eval_step=eval_step)
-  return split_metrics(preds, np.asarray(split.label), task)
+  return split_metrics(preds, np.asarray(split.label), scoring)
 
 
 def init_state(method: Method, dataset: Dataset, config: ml_collections.ConfigDict,
@@ -183,7 +192,7 @@ def fit(
   """
   mesh = data_mesh() if mesh is None else mesh
   check_batch_size(config.batch_size, mesh.size)
-  metric, mode = _selection(config, dataset.task)
+  metric, mode = _selection(config, dataset.scoring)
   stages = _check_stages(method)
   corruption = train_corruption(method, dataset, config)
   if resume and workdir is None:
@@ -285,7 +294,7 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
                               drop_remainder=config.drop_remainder, num_devices=mesh.size)
     bar = _ProgressBar(steps, f"{tag}epoch {epoch}", enabled=config.progress)
     state, train_terms = _train_epoch(train_step, state, batches, mesh, bar)
-    valid = evaluate(method, state, run.dataset.splits["valid"], run.dataset.task,
+    valid = evaluate(method, state, run.dataset.splits["valid"], run.dataset.scoring,
                      batch_size=config.eval_batch_size, mesh=mesh, eval_step=eval_step)
     improved = _better(valid[run.metric], progress.best_value, run.mode)
     # A tie with the best value keeps the later (longer-trained) state; patience still counts
@@ -382,8 +391,8 @@ class _Bookkeeping:
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def _selection(config: ml_collections.ConfigDict, task: str) -> tuple[str, str]:
-  metric, mode = AUTO_SELECT[task]
+def _selection(config: ml_collections.ConfigDict, scoring: str) -> tuple[str, str]:
+  metric, mode = AUTO_SELECT[scoring]
   if config.select_metric != "auto":
     metric = config.select_metric
     if config.select_mode == "auto":
