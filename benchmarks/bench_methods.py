@@ -7,10 +7,15 @@ literals), one random MOSI-shaped regression batch (:func:`bench_train_step.make
 :func:`mmjax.train.compile_steps` like ``bench_train_step.py`` does: "first call" = trace +
 compile + one run, "ms/step" = median of ``--repeats`` calls after ``--warmup`` warm-up calls, each
 blocked on; the train step is fed the state it returned. "params" counts the trainable parameters
-(not the optimizer state, not method state such as EASE's anchors).
+(not the optimizer state, not method state such as EASE's anchors). "GFLOP" is XLA's count for one
+compiled step (``jit(step).lower(...).compile().cost_analysis()["flops"]``; stable on a noisy
+machine; both branches of a ``lax.cond`` are counted, although only one runs). ``--corrupt``
+applies the method's own train-time corruption (``config.train_corruption = "method"``) inside the
+train step, as training does; without it the batch is uncorrupted.
 
   python benchmarks/bench_methods.py --case=ease:hidden=32 --case=ease:hidden=128 --case=concat \
       --case=euar                                                    # EASE, B = 64
+  python benchmarks/bench_methods.py --case=ease --corrupt          # EASE as it trains (LNLN)
   python benchmarks/bench_methods.py --batch_size=48 --case=samlml \
       --case=samlml:supervise_intra=False,supervise_inter=False     # SAM-LML with / without supervision
 """
@@ -34,6 +39,8 @@ _CASES = flags.DEFINE_multi_string(
     "case", ["ease:hidden=32", "ease:hidden=128", "concat", "euar"],
     "<method>[:<model field>=<value>,...]; repeat the flag for several cases.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size B.", lower_bound=1)
+_CORRUPT = flags.DEFINE_bool(
+    "corrupt", False, "Apply the method's own train-time corruption inside the train step.")
 # --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
 # flags (--devices, --experts, ...) are ignored here.
 # pylint: disable-next=protected-access
@@ -59,7 +66,15 @@ def parse_case(case: str) -> tuple[str, dict[str, Any]]:
   return method, overrides
 
 
-def time_method(case: str, batch_size: int, warmup: int, repeats: int) -> dict[str, Any]:
+def step_cost(step, *args) -> tuple[float, float]:
+  """``(GFLOP, GB accessed)`` of one call of the jitted ``step`` by XLA's cost analysis."""
+  cost = step.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
+
+
+def time_method(case: str, batch_size: int, warmup: int, repeats: int,
+                corrupt: bool = False) -> dict[str, Any]:
   """Builds the method of ``case`` (see :func:`parse_case`) and times its train and eval steps."""
   import jax  # pylint: disable=g-import-not-at-top
   from mmjax import experiment, train  # pylint: disable=g-import-not-at-top
@@ -72,7 +87,8 @@ def time_method(case: str, batch_size: int, warmup: int, repeats: int) -> dict[s
   method = experiment.build_method(config, dataset)
   optimizer = train.make_optimizer(config)
   mesh = train.data_mesh(jax.devices()[:1])
-  train_step, eval_step = train.compile_steps(method, optimizer, mesh)
+  corruption = train.train_corruption(method, dataset, config) if corrupt else None
+  train_step, eval_step = train.compile_steps(method, optimizer, mesh, corruption=corruption)
   state = jax.device_put(train.init_state(method, dataset, config, optimizer), replicated(mesh))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   batch = jax.block_until_ready(train.put_batch(dataset.splits["train"], mesh))
@@ -80,20 +96,25 @@ def time_method(case: str, batch_size: int, warmup: int, repeats: int) -> dict[s
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
   _, eval_first, eval_s = shared.time_calls(  # pylint: disable=protected-access
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
-  return dict(case=case, hidden=config.model.get("hidden"), params=params,
+  # After the timing, so that "first call" still includes the compilation.
+  train_gflop, train_gb = step_cost(train_step, state, batch)
+  eval_gflop, _ = step_cost(eval_step, state, batch)
+  return dict(case=case + (" (corrupted)" if corrupt else ""), hidden=config.model.get("hidden"),
+              params=params, train_gflop=train_gflop, train_gb=train_gb, eval_gflop=eval_gflop,
               train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,
               eval_step_s=eval_s)
 
 
 def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], batch_size: int,
                    warmup: int, repeats: int, load: tuple[float, float]) -> str:
-  lines = ["| case | hidden | params | train first call s | train ms/step | eval first call s "
-           "| eval ms/step |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = ["| case | hidden | params | train GFLOP | train GB | train first call s "
+           "| train ms/step | eval GFLOP | eval first call s | eval ms/step |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in results:
-    lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['train_first_s']:.2f} "
-                 f"| {1e3 * r['train_step_s']:.1f} | {r['eval_first_s']:.2f} "
-                 f"| {1e3 * r['eval_step_s']:.1f} |")
+    lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['train_gflop']:.3f} "
+                 f"| {r['train_gb']:.3f} | {r['train_first_s']:.2f} "
+                 f"| {1e3 * r['train_step_s']:.1f} | {r['eval_gflop']:.3f} "
+                 f"| {r['eval_first_s']:.2f} | {1e3 * r['eval_step_s']:.1f} |")
   lines += ["", shared.step_table_footer(batch_size, "regression", warmup, repeats, machine,
                                          load)]
   return "\n".join(lines) + "\n"
@@ -106,7 +127,7 @@ def main(argv: Sequence[str]) -> None:
   load_before = os.getloadavg()[0]
   results = []
   for case in _CASES.value:
-    result = time_method(case, _BATCH_SIZE.value, _WARMUP.value, _REPEATS.value)
+    result = time_method(case, _BATCH_SIZE.value, _WARMUP.value, _REPEATS.value, _CORRUPT.value)
     sys.stderr.write(f"# {result}\n")
     results.append(result)
   table = markdown_table(results, shared.machine_info(), _BATCH_SIZE.value, _WARMUP.value,

@@ -228,11 +228,12 @@ def test_sims_style_labels_are_scored_with_sims_metrics():
   model selection its MAE; MOSI-range labels keep the MOSI metrics."""
   from mmjax import metrics  # pylint: disable=g-import-not-at-top
   from mmjax.train import predict  # pylint: disable=g-import-not-at-top
-  base = standardize(make_synthetic(jax.random.key(3), n_train=64, n_valid=32, n_test=8,
-                                    seq_len=2, dims=4))
+  from mmjax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  sizes = dict(n_train=64, n_valid=32, n_test=8, seq_len=2, dims=4)
+  base = standardize(load_dataset("synthetic", seed=3, **sizes))
   assert base.scoring == "regression"
-  sims = dataclasses.replace(base, splits={
-      name: b.replace(label=np.asarray(b.label) / 3.0) for name, b in base.splits.items()})
+  sims = standardize(load_dataset("synthetic:sims", seed=3, **sizes))
+  np.testing.assert_allclose(sims.splits["valid"].label, base.splits["valid"].label / 3.0)
   assert sims.scoring == "sims_regression"
   method = build("concat", default_model_config("concat"), TaskSpec.from_dataset(sims))
   config = default_train_config()

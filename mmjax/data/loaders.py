@@ -18,6 +18,8 @@ Pickles execute code when loaded: only load files from a source you trust.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -351,12 +353,19 @@ def load_npz(
 # Source name -> (loader called as loader(<text after "name:">, **kwargs), usage shown in errors).
 # Adding a source is one line here.
 def _synthetic(argument: str, *, seed: int = 0, **kwargs: Any) -> Dataset:
-  """``synthetic`` / ``synthetic:regression`` / ``synthetic:classification``, drawn from ``key(seed)``."""
-  return make_synthetic(jax.random.key(seed), task=argument or "regression", **kwargs)
+  """``synthetic`` / ``synthetic:regression`` / ``synthetic:classification``, drawn from ``key(seed)``;
+  ``synthetic:sims`` is the regression set with its labels divided by 3, into CH-SIMS's [-1, 1]
+  (scored with the SIMS metrics, ``Dataset.scoring == "sims_regression"``)."""
+  if argument != "sims":
+    return make_synthetic(jax.random.key(seed), task=argument or "regression", **kwargs)
+  dataset = make_synthetic(jax.random.key(seed), task="regression", **kwargs)
+  return dataclasses.replace(dataset, splits={
+      name: split.replace(label=np.asarray(split.label) / 3.0)
+      for name, split in dataset.splits.items()})
 
 
 LOADERS: dict[str, tuple[Callable[..., Dataset], str]] = {
-    "synthetic": (_synthetic, "synthetic[:regression|classification] (embedded default)"),
+    "synthetic": (_synthetic, "synthetic[:regression|classification|sims] (embedded default)"),
     "mmsa": (load_mmsa_pickle, "mmsa:<path to aligned_50.pkl | unaligned_50.pkl | "
              "unaligned_39.pkl>"),
     "sdk": (load_sdk_pickle, "sdk:<path to a MulT-style mosi_data.pkl>"),

@@ -4,58 +4,72 @@ Model (SPEC §6.4; widths are ours, the paper's 768-d backbones are not needed o
 
 * **Encoders.** Per modality ``m``: ``Dense(d)`` + learned positional embedding ``[T_m, d]`` ->
   :class:`~mmjax.nn.TransformerEncoder` (pre-LN, ``L`` layers, key-padding mask) -> masked mean
-  pool -> ``z_m [B, d]``. The corrupted input uses the mask ``step_mask & present`` (an absent
-  modality pools to 0); the clean copy (``full_features``, ``full_step_mask``, every modality
-  present) gives ``z^gt``.
+  pool -> ``z_m [B, d]``. The corrupted input uses the mask ``step_mask & present`` (an absent or
+  fully masked modality pools to 0). ``z^gt``, the encoding of the clean copy (``full_features``,
+  ``full_step_mask``), is only a stop-gradient target (:func:`clean_encoding`): ``sg(z)`` itself
+  when the batch is uncorrupted, otherwise one forward-only pass — never back-propagated.
+* **Which modalities are completed** (:func:`availability`): a modality is *available* when it is
+  present and at least ``min_observed_steps`` (default 1) of its steps are observed. Every other one
+  — absent (inter-modal missingness, Table 3) or degraded (intra-modal missingness, Tables 1-2:
+  ``mask_time_steps`` can mask every step) — is completed, so a fully masked modality is exactly an
+  absent one. A partially masked modality is encoded from its observed steps.
 * **UCMI** (eq. 1-4). For every target ``B``: ``h_ctx = GELU(Dense([mean_{A avail, A != B} P_A z_A ;
   c_B]))`` with ``P_A`` a per-source projection and ``c_B [M]`` the 0/1 indicator of the context
   modalities (our addition: the mean alone cannot tell one source from two, and the variance should
   know how much context it has). ``mu_B = F_mu^B(h_ctx)``, ``var_B = softplus(F_sigma^B(h_ctx)) +
   1e-6``. The completed feature ``z_hat_B`` is ``mu_B`` at evaluation and ``mu_B + sigma_B * eps``
   in training (key split from the step key). Every unavailable ``z_B`` is replaced by ``z_hat_B``.
-  ``L_ucmi = gaussian_nll(sg(z_B^gt), mu_B, var_B)`` averaged over the (valid sample, missing
+  ``L_ucmi = gaussian_nll(sg(z_B^gt), mu_B, var_B)`` averaged over the (valid sample, unavailable
   modality) pairs.
-* **Missing modalities in training.** The loss completes whatever ``batch.present`` marks absent;
-  the missing modalities of training come from the trainer's train-time corruption
+* **Corruption in training.** The loss completes whatever is unavailable in the batch it gets;
+  the corruption of training comes from the trainer's train-time corruption
   (``config.train_corruption``, :mod:`mmjax.data.train_corruption`). EASE's own regime
-  (``"method"``) is :data:`TRAIN_CORRUPTION`: :func:`mmjax.data.drop_modalities` at rate 0.5 on
-  every training batch (at least one modality is always kept), so UCMI always has targets. The
-  same for evaluation: the availability is ``batch.present``.
+  (``"method"``) is :data:`TRAIN_CORRUPTION`, the LNLN protocol EASE follows (App. A.3): per sample
+  a time-step masking rate drawn from U(0, 1), half of the samples clean. Whole-modality dropping
+  (``missing_rate:0.5``) is an option. Evaluation: the availability of the test batch.
 * **Fusion / heads.** ``concat_m z_m -> Dense(d) -> GELU`` then a class head (logits over the task's
-  classes, or over the 3 sentiment bins of :func:`mmjax.data.sentiment_to_class` for regression)
+  classes, or over the 3 sentiment bins of :func:`class_labels` for regression — MOSI's ±0.5, or
+  CH-SIMS's ±0.1 for labels in [-1, 1])
   and, for regression, a second head for the score. ``L_task`` = MSE of the score (regression) or
   cross-entropy (classification); for regression the bin head is also trained with cross-entropy on
   the binned labels (reported as ``task_bins``, weight 1, part of ``L_task``): without it the logits
   MIPC compares would carry no supervised meaning.
 * **UCSA** (eq. 5-9). ``L_uada`` = per modality ``B``, :func:`mmjax.losses.kernel_cs_divergence`
   between the real ``z_B`` of the samples where ``B`` is available and the completed ``z_hat_B``
-  where it is missing (``y_uncertainty`` = mean over ``d`` of ``var_B``, ``x_uncertainty`` = 0,
+  where it is not (``y_uncertainty`` = mean over ``d`` of ``var_B``, ``x_uncertainty`` = 0,
   bandwidth ``tau = kernel_bandwidth * sqrt(d)`` so the kernel tracks the feature norm, ``alpha``),
-  averaged over the modalities that have both sets. ``L_anchor`` = mean over missing pairs of
-  :func:`mmjax.losses.gaussian_cs_divergence` ``(z_hat_B, var_B, mu_{B,y}, var_{B,y})`` to the
-  anchor of modality ``B`` and the sample's class ``y`` (bins for regression); pairs whose class
-  anchor has never been filled are skipped. ``L_align = L_uada + beta_1 L_anchor``.
-* **Anchors** (App. B.2 eq. 28-29) are ``method_state``: per modality and class, the mean and
-  diagonal variance (``+ 1e-6``) of ``sg(z^gt)`` over the valid samples of that class in the batch,
-  blended by EMA ``new = momentum * old + (1 - momentum) * batch`` — the first batch that contains a
-  class sets its anchor directly (the paper initialises from a pre-trained extractor). Classes
-  absent from a batch keep their anchor. Updated only in training; the loss reads the pre-update
-  anchors through ``stop_gradient``, so no gradient ever reaches them.
+  averaged over the modalities that have both sets. With ``uada_normalize`` (default) every kernel
+  carries its Gaussian normalisation ``psi^(-d/2)``: ``L_uada`` is then the CS divergence of two
+  Gaussian mixtures, ``>= 0`` and not lowered by inflating ``var`` (eq. 5-7 as written fall below 0
+  as ``u`` grows, which the model could exploit); ``uada_normalize=False`` is eq. 5-7 literally.
+  ``L_anchor`` = mean over missing pairs of :func:`mmjax.losses.gaussian_cs_divergence`
+  ``(z_hat_B, var_B, mu_{B,y}, Sigma_{B,y})`` to the anchor of modality ``B`` and the sample's class
+  ``y`` (bins for regression); pairs whose class was never seen are skipped.
+  ``L_align = L_uada + beta_1 L_anchor``.
+* **Anchors** (App. B.2 eq. 28-29) are ``method_state``: per modality and class the exponential
+  moving averages (``momentum``) of ``E[z]`` and ``E[z^2]`` of ``sg(z^gt)`` over the batch's valid
+  samples of that class, starting from the prior ``N(0, I)``; ``Sigma = E[z^2] - E[z]^2 + 1e-6``
+  (:func:`anchor_variance`), so the spread between batches counts and a class seen once keeps most
+  of the prior's variance (never a 1e-6 variance from one sample). Classes absent from a batch keep
+  their moments. Updated only in training; the loss reads the pre-update anchors through
+  ``stop_gradient``.
 * **MIPC** (eq. 10-12). ``num_views`` views, each a uniformly random non-empty modality subset per
-  sample drawn from the step key, applied as ``present & subset`` (a sample whose intersection is
-  empty keeps ``batch.present``); each view completes its missing modalities with UCMI. The full
+  sample drawn from the step key, applied as ``available & subset`` (a sample whose intersection
+  is empty keeps its availability); each view completes its missing modalities with UCMI. The full
   view is the clean copy (``z^gt``, all modalities). ``L_consist =
   predictive_consistency_loss(views) + anchored_consistency_loss(views, full)`` on the class logits
   (the full view gets no gradient).
 * **Total** (eq. 13): ``L_task + lambda_1 L_ucmi + lambda_2 L_align + lambda_3 L_consist`` with
-  ``0.5, 0.2, 0.5`` and ``beta_1 = 0.02`` (App. A.3). Ablations (Table 4): ``use_ucmi``,
-  ``use_ucsa``, ``use_mipc`` each remove a module's loss terms (MIPC also its extra forward
-  passes); ``use_uada``, ``use_anchor``, ``use_cons``, ``use_asym`` remove a single loss; the
-  architecture (completion of missing modalities) is unchanged.
+  ``0.5, 0.2, 0.5`` and ``beta_1 = 0.02`` (App. A.3). Ablations (Table 4): ``use_ucmi=False`` is
+  "w/o UCMI": no imputation at all — unavailable modalities enter the head as ``z = 0``, no
+  ``L_ucmi``, and no ``L_uada`` / ``L_anchor`` (there is no completed feature to align);
+  ``use_ucsa``, ``use_mipc`` remove their module's loss terms (MIPC also its extra forward passes);
+  ``use_uada``, ``use_anchor``, ``use_cons``, ``use_asym`` remove a single loss. "w/o ALL" is all
+  three modules off.
 
 Metrics: ``task`` (+ ``task_bins``), ``ucmi``, ``uada``, ``anchor``, ``align``, ``cons``, ``asym``,
 ``consist`` (those enabled), ``var_missing`` (mean predicted variance over missing pairs, monitoring
-only) and ``loss``.
+only, with UCMI) and ``loss``.
 """
 
 from __future__ import annotations
@@ -89,7 +103,9 @@ TRAIN_CORRUPTION = "time_mask:0:1+clean:0.5"
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      hidden=32,
+      # 128 as concat / EUAR: at 32, EASE (and concat) lose 10-15 points with 40 classes
+      # (docs/ease.md, "Many classes").
+      hidden=128,
       num_layers=1,
       num_heads=4,
       mlp_ratio=2,
@@ -145,7 +161,7 @@ class EASEModel(nn.Module):
   modalities: tuple[str, ...]
   num_classes: int
   regression: bool
-  hidden: int = 32
+  hidden: int = 128
   num_layers: int = 1
   num_heads: int = 4
   mlp_ratio: int = 2
