@@ -8,7 +8,9 @@
   scale (``model.balance_scale="euar"``) — the model defaults (docs/euar.md). The learning rate is not given; 1e-3.
   Fig. 4 ablation: ``--config.model.num_experts=2`` (k clamped to 2).
 * ``ease`` (papers/004 App. A.3): batch 64, Adam, 200 epochs; lambda_1/2/3 = 0.5/0.2/0.5, beta_1 = 0.02 (the
-  model defaults); trained with the LNLN corruption (per-sample masking rate ~ U(0, 1), half the samples clean,
+  model defaults, among them mmjax's two fixes: ``L_uada`` with normalised kernels and ``L_ucmi`` averaged over the
+  feature dimensions — ``--config.model.uada_normalize=False --config.model.ucmi_reduction=sum`` for eq. 4-7 as
+  written, docs/ease.md); trained with the LNLN corruption (per-sample masking rate ~ U(0, 1), half the samples clean,
   ``train_corruption="method"``). Learning rate 1e-3, not the paper's 1e-5: that is the rate of its pre-trained
   BERT backbone, while mmjax's encoders train from scratch (``--config.learning_rate=1e-5`` for the literal value).
   Table 4 ablations: ``--config.model.use_{ucmi,ucsa,mipc,uada,anchor,cons,asym}=False``; "w/o ALL" =

@@ -20,7 +20,8 @@ Model (SPEC §6.4; widths are ours, the paper's 768-d backbones are not needed o
   1e-6``. The completed feature ``z_hat_B`` is ``mu_B`` at evaluation and ``mu_B + sigma_B * eps``
   in training (key split from the step key). Every unavailable ``z_B`` is replaced by ``z_hat_B``.
   ``L_ucmi = gaussian_nll(sg(z_B^gt), mu_B, var_B)`` averaged over the (valid sample, unavailable
-  modality) pairs.
+  modality) pairs; eq. 4 sums the NLL over the ``d`` dimensions (``ucmi_reduction="sum"``), the
+  default ``"mean"`` divides it by ``d`` so that ``lambda_1`` does not grow with the width.
 * **Corruption in training.** The loss completes whatever is unavailable in the batch it gets;
   the corruption of training comes from the trainer's train-time corruption
   (``config.train_corruption``, :mod:`mmjax.data.train_corruption`). EASE's own regime
@@ -119,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
       # inflating the variances); False = eq. 5-7 as written.
       uada_normalize=True,
       anchor_momentum=0.9,
+      # L_ucmi over the d feature dimensions: "mean" (default; keeps lambda_1 independent of the
+      # width -- with "sum" at d = 128 the NLL dominates training, docs/ease.md) or "sum" (eq. 4).
+      ucmi_reduction="mean",
       lambda_ucmi=0.5,
       lambda_align=0.2,
       lambda_consist=0.5,
@@ -306,6 +310,9 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
                      f"{config.anchor_momentum}")
   if config.num_views < 2:
     raise ValueError(f"model.num_views: expected >= 2, got {config.num_views}")
+  if config.ucmi_reduction not in ("mean", "sum"):
+    raise ValueError(f"model.ucmi_reduction: expected 'mean' or 'sum', got "
+                     f"{config.ucmi_reduction!r}")
   if config.min_observed_steps < 1:
     raise ValueError(f"model.min_observed_steps: expected >= 1, got {config.min_observed_steps}")
   model = make_model(config, spec)
@@ -359,7 +366,9 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
 
     if config.use_ucmi:
       metrics["var_missing"] = masked_mean(jnp.mean(var, -1), missing)
-      nll = gaussian_nll(z_gt, mu, var)  # [B, M]
+      nll = gaussian_nll(z_gt, mu, var)  # [B, M], summed over d (eq. 4)
+      if config.ucmi_reduction == "mean":
+        nll = nll / config.hidden
       metrics["ucmi"] = masked_mean(nll, missing)
       total = total + config.lambda_ucmi * metrics["ucmi"]
 
