@@ -305,6 +305,11 @@ def test_decomposition_terms_by_hand(setup, spec, batch, train_records):
     pool = lambda x: (x * real).sum(1) / np.maximum(real.sum(1), 1)
     np.testing.assert_allclose(r["irrelevant_prediction"], predictor(pool(k)), rtol=1e-4,
                                atol=1e-4)
+    # Eq. 12: N ~ N(0, I) in the predictor's input space [B, d] (not pooled over time).
+    assert r["pred_noise"].shape == (u.shape[0], u.shape[-1])
+    assert 0.8 < float(np.std(r["pred_noise"])) < 1.2
+    np.testing.assert_allclose(r["noise_prediction"], predictor(r["pred_noise"]), rtol=1e-4,
+                               atol=1e-4)
     gap = ((predictor(pool(k)) - r["noise_prediction"]) ** 2).sum(-1)
     distance = (((u - k) ** 2) * w).sum((1, 2)) / np.maximum(((u**2) * w).sum((1, 2)), 1e-12)
     mi = gap + config.mi_distance_weight * np.maximum(distance - config.mi_epsilon, 0)

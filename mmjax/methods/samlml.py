@@ -333,17 +333,19 @@ class SAMLMLModel(nn.Module):
     ``de_logits`` ``A^de = logits(U, stop_gradient(K^de))`` (the ranking trains the attention,
     not the decomposition); ``irrelevant`` ``K^de``, ``relevant`` ``U^de``, ``recomposed``
     ``U_hat`` (all ``[B, T, d]``), ``units`` ``U``; ``irrelevant_prediction``
-    ``Pred(pool K^de)`` and ``noise_prediction`` ``stop_gradient(Pred(pool N))`` ``[B, out]`` with
-    ``N ~ N(0, I)`` shaped like ``U`` and ``pool`` the masked time mean.
+    ``Pred(pool K^de)`` and ``noise_prediction`` ``stop_gradient(Pred(N))`` ``[B, out]`` with
+    ``pool`` the masked time mean and ``pred_noise`` ``N ~ N(0, I)`` drawn in the predictor's input
+    space ``[B, d]`` as eq. 12 writes it (a ``[B, T, d]`` draw pooled over time would have std
+    ``1 / sqrt(T)``, nearly ``Pred(0)``).
     """
     irrelevant, relevant, recomposed = self.decompositions[index](units)
-    noise = jax.random.normal(key, units.shape, units.dtype)
+    noise = jax.random.normal(key, (units.shape[0], units.shape[-1]), units.dtype)
     return {"units": units, "irrelevant": irrelevant, "relevant": relevant,
             "recomposed": recomposed,
             "de_logits": self.intra[index].logits(units, jax.lax.stop_gradient(irrelevant)),
             "irrelevant_prediction": self.predict(masked_mean_pool(irrelevant, mask)),
-            "noise_prediction": jax.lax.stop_gradient(
-                self.predict(masked_mean_pool(noise, mask)))}
+            "pred_noise": noise,
+            "noise_prediction": jax.lax.stop_gradient(self.predict(noise))}
 
   def _mixing_record(self, attention: SupervisedAttention, queries: jax.Array, keys: jax.Array,
                      key: jax.Array) -> dict[str, jax.Array]:
