@@ -19,7 +19,6 @@ Pickles execute code when loaded: only load files from a source you trust.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence

@@ -84,11 +84,11 @@ import ml_collections
 import optax
 
 from mmjax.data import Batch, sentiment_to_class
-from mmjax.metrics import SIMS_BIN_EDGES
 from mmjax.losses import (
     anchored_consistency_loss, gaussian_cs_divergence, gaussian_nll, kernel_cs_divergence,
     predictive_consistency_loss)
 from mmjax.losses._common import masked_mean
+from mmjax.metrics import SIMS_BIN_EDGES
 from mmjax.methods.base import Method, TaskSpec
 from mmjax.nn import TransformerEncoder, masked_mean_pool
 
@@ -249,16 +249,29 @@ def class_labels(batch: Batch, spec: TaskSpec) -> jax.Array:
   return sentiment_to_class(batch.label, REGRESSION_BINS)
 
 
-def availability(batch: Batch, present: jax.Array, min_observed_steps: int) -> jax.Array:
+def availability(observed: dict[str, jax.Array], present: jax.Array,
+                 min_observed_steps: int) -> jax.Array:
   """``[B, M]`` bool: present modalities with at least ``min_observed_steps`` observed steps.
 
-  The others — absent, or degraded by intra-modal missingness (``mask_time_steps`` at rate 1
-  masks every step) — are completed by UCMI; with the default 1 a fully masked modality is exactly
-  an absent one (its encoding, the context of the others and the losses are the same).
+  ``observed`` holds the ``[B, T_m]`` steps the encoder sees (``step_mask & present``), in the
+  modality order of ``present``. The other modalities — absent, or degraded by intra-modal
+  missingness (``mask_time_steps`` at rate 1 masks every step) — are completed by UCMI; with the
+  default 1 a fully masked modality is exactly an absent one (its encoding, the context of the
+  others and the losses are the same).
   """
-  observed = _observed_masks(batch, present)
-  counts = jnp.stack([jnp.sum(observed[m], axis=-1) for m in batch.modalities], axis=1)
+  counts = jnp.stack([jnp.sum(mask, axis=-1) for mask in observed.values()], axis=1)
   return present & (counts >= min_observed_steps)
+
+
+def encode_input(model: EASEModel, params, batch: Batch, min_observed_steps: int, *, train: bool,
+                 rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+  """``z [B, M, d]``, the encoding of the (corrupted) input from its observed steps, and the
+  ``available [B, M]`` modalities of :func:`availability`; every other one is completed."""
+  present = jnp.asarray(batch.present)
+  observed = _observed_masks(batch, present)
+  z = model.apply({"params": params}, batch.features, observed, train=train, method="encode",
+                  rngs=rngs or {})
+  return z, availability(observed, present, min_observed_steps)
 
 
 def init_anchors(num_modalities: int, num_classes: int, hidden: int) -> dict[str, jax.Array]:
@@ -343,12 +356,9 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
   def loss(params, state, batch, key, train):
     sample_key, view_key, dropout_key = jax.random.split(key, 3)
     rngs = {"dropout": dropout_key} if train else {}
-    present = jnp.asarray(batch.present)
     valid = jnp.asarray(batch.valid)
-    available = availability(batch, present, config.min_observed_steps)
-
-    z = model.apply({"params": params}, batch.features, _observed_masks(batch, present),
-                    train=train, method="encode", rngs=rngs)
+    z, available = encode_input(model, params, batch, config.min_observed_steps, train=train,
+                                rngs=rngs)
     z_gt = clean_encoding(model, params, batch, z, train=train, rngs=rngs)
     logits, score, mu, var, z_hat = forward(
         params, available, z, jax.random.fold_in(sample_key, 0), train)
@@ -417,10 +427,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
 
   def predict(params, state, batch):
     del state
-    present = jnp.asarray(batch.present)
-    available = availability(batch, present, config.min_observed_steps)
-    z = model.apply({"params": params}, batch.features, _observed_masks(batch, present),
-                    train=False, method="encode")
+    z, available = encode_input(model, params, batch, config.min_observed_steps, train=False)
     logits, score, *_ = forward(params, available, z, None, False)
     return score if regression else logits
 
@@ -468,10 +475,7 @@ def imputation_moments(params, batch: Batch, config: ml_collections.ConfigDict, 
     ``valid & ~available`` where the imputation is used.
   """
   model = make_model(config, spec)
-  present = jnp.asarray(batch.present)
-  available = availability(batch, present, config.min_observed_steps)
-  z = model.apply({"params": params}, batch.features, _observed_masks(batch, present),
-                  train=False, method="encode")
+  z, available = encode_input(model, params, batch, config.min_observed_steps, train=False)
   z_gt = clean_encoding(model, params, batch, z, train=False, rngs={})
   mu, var = model.apply({"params": params}, z, available, method="complete")
   return z_gt, mu, var, ~available & jnp.asarray(batch.valid)[:, None]
