@@ -22,9 +22,7 @@ train step, as training does; without it the batch is uncorrupted.
 
 from __future__ import annotations
 
-import ast
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -48,22 +46,13 @@ _REPEATS, _WARMUP = shared._REPEATS, shared._WARMUP
 
 
 def parse_case(case: str) -> tuple[str, dict[str, Any]]:
-  """``"samlml:hidden=64,use_mix=False"`` -> ``("samlml", {"hidden": 64, "use_mix": False})``.
-
-  A comma starts a new field only before ``<name>=``, so string values may hold commas:
-  ``"emmr:members=tf,ae,fusion=max"`` -> ``{"members": "tf,ae", "fusion": "max"}``.
-  """
-  method, _, fields = case.partition(":")
-  overrides = {}
-  for item in filter(None, re.split(r",(?=\w+=)", fields)):
-    name, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--case: expected <field>=<value>, got {item!r} in {case!r}")
-    try:
-      overrides[name] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[name] = value
-  return method, overrides
+  """``"samlml:hidden=64,use_mix=False"`` -> ``("samlml", {"hidden": 64, "use_mix": False})``
+  (:func:`mmjax.experiment.parse_variant`, the launchers' ``--methods`` syntax)."""
+  from mmjax.experiment import parse_variant  # pylint: disable=g-import-not-at-top
+  try:
+    return parse_variant(case, "--case")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def step_cost(step, *args) -> tuple[float, float]:

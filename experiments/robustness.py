@@ -13,7 +13,14 @@ regime; ``fair`` or any spec gives every method the same corrupted training data
 ``--matched=missing_rate,mix`` adds SAM-LML's protocol (App. A.5): per level one more model, trained
 with ``train_corruption = "<protocol>:<level>"`` and validated on data corrupted at that level
 (``<workdir>/<method>/seed<s>/matched_<protocol>/<level>``), reported as protocol
-``matched_<protocol>``.
+``matched_<protocol>``. With ``--noise_level=representation`` the noise protocols ``mix`` and
+``laplace_erasing`` of ``--matched`` perturb SAM-LML's unimodal representations instead (eq. 35, App.
+A.14: ``model.representation_noise = <level>`` in training, validation and test; valid and test
+splits stay clean), reported as ``matched_<protocol>_representation``.
+
+SAM-LML's Table 4 ablations are methods too: ``--methods=samlml,samlml:use_noise=False,...``
+(``<method>:<model field>=<value>,...``, values as Python literals) trains each variant under its
+own name.
 """
 
 import dataclasses
@@ -24,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mmjax import experiment, robustness
+from mmjax.methods.samlml import REPRESENTATION_PROTOCOLS
 from mmjax.train import predict, split_metrics
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,18 +49,21 @@ _NOISE_MODALITIES = flags.DEFINE_list(
 _MATCHED = flags.DEFINE_list(
     "matched", [],
     "Protocols also run the SAM-LML way: one model per level, trained and validated at that level.")
+_MATCHED_LEVELS = flags.DEFINE_list(
+    "matched_levels", [], "Levels --matched trains at (default: each protocol's levels).")
+_NOISE_LEVEL = flags.DEFINE_enum(
+    "noise_level", "input", ["input", "representation"],
+    "Where --matched=mix / laplace_erasing add noise: the input features (any method) or SAM-LML's "
+    "unimodal representations U_m (eq. 35, App. A.14; methods with model.representation_noise).")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG robustness curves (needs matplotlib).")
 
 
 def _prepare(base):
   """Everything that can fail on bad flags, before any training: data, protocols, configs."""
   configs = {}
-  for name in _METHODS.value:
-    config = base.copy_and_resolve_references()
-    if name != config.method:
-      config.method, config.model = name, experiment.get_config(name).model
-    experiment.check_config(config)
-    configs[name] = config
+  for name in experiment.split_variants(_METHODS.value):
+    configs[name] = experiment.variant_config(base, name, flag="--methods")
+    experiment.check_config(configs[name])
   dataset = experiment.load_data(base)
   noise = _NOISE_MODALITIES.value or None
   if noise:
@@ -62,9 +73,28 @@ def _prepare(base):
   available = robustness.protocols(dataset.modalities, noise, base.noisy_view_fraction)
   chosen = robustness.select(_PROTOCOLS.value, available)
   matched = robustness.select(_MATCHED.value, available)
+  if _MATCHED_LEVELS.value:
+    try:
+      levels = tuple(float(level) for level in _MATCHED_LEVELS.value)
+    except ValueError:
+      raise ValueError(f"--matched_levels: expected numbers, got {_MATCHED_LEVELS.value}") from None
+    for p in matched:
+      bad = [level for level in levels if level < 0 or (p.high is not None and level > p.high)]
+      if bad:
+        raise ValueError(f"--matched_levels: {bad} outside {p.name}'s range [0, {p.high}]")
+    matched = [dataclasses.replace(p, levels=levels) for p in matched]
   tuple_levels = [p.name for p in matched if not p.numeric]
   if tuple_levels:
     raise ValueError(f"--matched: {tuple_levels} have no numeric levels to train at")
+  if _NOISE_LEVEL.value == "representation":
+    unsupported = [p.name for p in matched if p.name not in REPRESENTATION_PROTOCOLS]
+    if unsupported or not matched:
+      raise ValueError(f"--noise_level=representation: --matched must name noise protocols among "
+                       f"{sorted(REPRESENTATION_PROTOCOLS)}, got {_MATCHED.value}")
+    without = [n for n, c in configs.items() if "representation_noise" not in c.model]
+    if without:
+      raise ValueError(f"--noise_level=representation: {without} have no representation-level "
+                       "noise (model.representation_noise; SAM-LML has it)")
   for name, config in configs.items():
     experiment.check_method(config, dataset)  # model and train-corruption errors surface now
   return dataset, chosen, matched, configs
@@ -91,17 +121,26 @@ def main(argv):
       key = jax.random.PRNGKey(1000 + seed)
       run = robustness.sweep(_predictor(method, result.state, config), dataset.splits["test"],
                              dataset.scoring, chosen, key, split_metrics)
+      at_input = _NOISE_LEVEL.value == "input"
       for protocol in matched:
-        def fit_level(level, data, protocol=protocol, method=method, name=name, seed=seed):
-          level_dir = os.path.join(workdir, f"matched_{protocol.name}", robustness.level_name(level))
+        label = f"matched_{protocol.name}" + ("" if at_input else "_representation")
+
+        def fit_level(level, data, protocol=protocol, method=method, name=name, seed=seed,
+                      label=label):
+          level_dir = os.path.join(workdir, label, robustness.level_name(level))
           level_config = config.copy_and_resolve_references()
-          level_config.train_corruption = robustness.matched_corruption(protocol, level)
-          _, _, fitted = experiment.train(
-              level_config, level_dir, resume=True, dataset=data, method=method,
-              log=lambda line: print(f"[{name} s{seed} {protocol.name}={level}] {line}"))
-          return _predictor(method, fitted.state, config)
-        run[f"matched_{protocol.name}"] = robustness.matched_sweep(
-            fit_level, dataset, protocol, key, split_metrics)
+          if at_input:
+            level_config.train_corruption = robustness.matched_corruption(protocol, level)
+          else:  # the noise lives in the model: train, validation and test alike
+            level_config.model.representation_noise = float(level)
+            level_config.model.representation_noise_type = REPRESENTATION_PROTOCOLS[protocol.name]
+          level_method, _, fitted = experiment.train(
+              level_config, level_dir, resume=True, dataset=data,
+              method=method if at_input else None,
+              log=lambda line: print(f"[{name} s{seed} {label}={level}] {line}"))
+          return _predictor(level_method, fitted.state, config)
+        run[label] = robustness.matched_sweep(fit_level, dataset, protocol, key, split_metrics,
+                                              at_input=at_input)
       runs.append(run)
     per_method[name] = runs
   summary = {name: robustness.aggregate(runs) for name, runs in per_method.items()}
@@ -116,7 +155,8 @@ def main(argv):
             f"train_corruption={base.train_corruption!r})\n\n{table}")
   print(table)
   if _PLOTS.value:
-    curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}") for p in matched]
+    suffix = "" if _NOISE_LEVEL.value == "input" else "_representation"
+    curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}{suffix}") for p in matched]
     paths = robustness.plot_curves(summary, curves, dataset.scoring, _WORKDIR.value)
     print("curves: " + ", ".join(paths))
 

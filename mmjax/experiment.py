@@ -5,8 +5,10 @@ Kept importable (and tested) so that ``experiments/*.py`` stay a dozen lines of 
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -35,6 +37,50 @@ def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collectio
   config.task = "auto"
   config.num_classes = 0
   config.model = methods.default_model_config(method)
+  return config
+
+
+def parse_variant(variant: str, flag: str = "--methods") -> tuple[str, dict]:
+  """``"samlml:hidden=64,use_mix=False"`` -> ``("samlml", {"hidden": 64, "use_mix": False})``.
+
+  Values are Python literals (anything else stays a string). A comma starts a new field only
+  before ``<name>=``, so string values may hold commas: ``"emmr:members=tf,ae,fusion=max"`` ->
+  ``{"members": "tf,ae", "fusion": "max"}``. Errors name ``flag``.
+  """
+  method, _, fields = variant.partition(":")
+  overrides = {}
+  for item in filter(None, re.split(r",(?=\w+=)", fields)):
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"{flag}: expected <field>=<value>, got {item!r} in {variant!r}")
+    try:
+      overrides[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[name] = value
+  return method, overrides
+
+
+def split_variants(items: list[str] | str) -> list[str]:
+  """Method variants of a comma-separated flag: a comma followed by ``<field>=`` continues the
+  variant before it, so ``"samlml,samlml:use_noise=False,use_de=False"`` is two variants."""
+  text = items if isinstance(items, str) else ",".join(items)
+  return [v for v in re.split(r",(?!\w+=)", text) if v]
+
+
+def variant_config(base: ml_collections.ConfigDict, variant: str, flag: str = "--methods"
+                   ) -> ml_collections.ConfigDict:
+  """``base`` for the method variant ``variant`` (:func:`parse_variant`): another method takes
+  its model defaults, the same method keeps ``base.model``; then the fields given are set (e.g.
+  SAM-LML's Table 4 rows ``samlml:use_noise=False``). Unknown fields raise naming ``flag``."""
+  method, overrides = parse_variant(variant, flag)
+  config = base.copy_and_resolve_references()
+  if method != config.method:
+    config.method, config.model = method, get_config(method).model
+  unknown = sorted(set(overrides) - set(config.model))
+  if unknown:
+    raise ValueError(f"{flag}: {variant!r} sets unknown model fields {unknown}; "
+                     f"{method} has {sorted(config.model)}")
+  config.model.update(overrides)
   return config
 
 

@@ -93,6 +93,8 @@ def matched_sweep(
     protocol: Protocol,
     key: jax.Array,
     metrics_fn: Callable[[np.ndarray, np.ndarray, str], dict[str, float]],
+    *,
+    at_input: bool = True,
 ) -> dict[str, dict[str, float]]:
   """``{level: metrics}`` (+ ``"mean"``) of SAM-LML's train = valid = test protocol.
 
@@ -104,17 +106,22 @@ def matched_sweep(
     protocol: a numeric protocol.
     key: the seed's key; the test corruption equals :func:`sweep`'s for the same key.
     metrics_fn: ``(predictions, labels, scoring) -> metrics`` (``scoring = dataset.scoring``).
+    at_input: ``False`` when the model itself adds the noise at ``level`` (SAM-LML's
+      representation-level noise, eq. 35): the valid and test splits are then passed clean.
   """
   if not protocol.numeric:
     raise ValueError(f"--matched: {protocol.name!r} has no numeric levels to train at")
   test = dataset.splits["test"]
   results = {}
   for level in protocol.levels:
-    valid = corrupt(dataset.splits["valid"], protocol, level, key, purpose="valid")
+    valid = dataset.splits["valid"]
+    if at_input:
+      valid = corrupt(valid, protocol, level, key, purpose="valid")
     predict_fn = fit_level(level, dataclasses.replace(
         dataset, splits={**dataset.splits, "valid": valid}))
+    test_input = corrupt(test, protocol, level, key) if at_input else test
     results[level_name(level)] = metrics_fn(
-        predict_fn(corrupt(test, protocol, level, key)), np.asarray(test.label), dataset.scoring)
+        predict_fn(test_input), np.asarray(test.label), dataset.scoring)
   _add_mean(results, protocol)
   return results
 

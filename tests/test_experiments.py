@@ -96,6 +96,45 @@ def test_robustness_launcher_matched_protocol(tmp_path):
   assert "error: --matched: ['fixed_subsets'] have no numeric levels" in bad.stderr
 
 
+def test_robustness_launcher_representation_noise_and_variants(tmp_path):
+  """SAM-LML's Table 6 protocol (``--noise_level=representation``): per level one model with
+  ``model.representation_noise = <level>``, clean valid / test splits; method variants
+  (``samlml:<field>=<value>,...``) train under their own names."""
+  small = "samlml:hidden=8,num_heads=2,supervise_intra=False,supervise_inter=False"  # fast compile
+  result = run("experiments.robustness", f"--workdir={tmp_path}", f"--methods={small}",
+               "--seeds=1", "--protocols=mix", "--matched=mix", "--matched_levels=0,0.5",
+               "--noise_level=representation", "--config.num_epochs=1",
+               "--config.batch_size=64", "--noplots")
+  assert result.returncode == 0, result.stderr[-2000:]
+  run_ = json.loads((tmp_path / "results.json").read_text())["per_seed"][small][0]
+  matched = run_["matched_mix_representation"]
+  assert list(matched) == ["0", "0.5", "mean"]
+  assert matched["0"] == run_["mix"]["0"]  # NR 0 is the clean model, trained the same way
+  assert matched["0.5"] != run_["mix"]["0.5"]  # input-level vs representation-level noise
+  level_dir = tmp_path / small / "seed0" / "matched_mix_representation"
+  saved = json.loads((level_dir / "0.5" / "config.json").read_text())["model"]
+  assert saved["representation_noise"] == 0.5 and saved["hidden"] == 8
+  for args, message in [
+      (["--methods=concat", "--matched=mix", "--noise_level=representation"],
+       "error: --noise_level=representation: ['concat'] have no representation-level noise"),
+      (["--methods=samlml", "--matched=missing_rate", "--noise_level=representation"],
+       "error: --noise_level=representation: --matched must name noise protocols"),
+      (["--methods=samlml:hiden=8"], "error: --methods: 'samlml:hiden=8' sets unknown model fields"),
+      (["--matched=mix", "--matched_levels=0,1.5"], "error: --matched_levels: [1.5] outside mix"),
+  ]:
+    bad = run("experiments.robustness", f"--workdir={tmp_path / 'bad'}", *args)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-1000:]
+    assert "Traceback" not in bad.stderr
+
+
+def test_split_variants():
+  from mmjax.experiment import split_variants, variant_config, get_config
+  assert split_variants(["samlml", "samlml:use_noise=False", "use_de=False", "euar"]) == [
+      "samlml", "samlml:use_noise=False,use_de=False", "euar"]
+  config = variant_config(get_config("samlml"), "samlml:supervise_intra=False,rho=3")
+  assert (config.model.supervise_intra, config.model.rho, config.model.hidden) == (False, 3, 120)
+
+
 @pytest.mark.parametrize("method,batch_size,learning_rate,num_epochs", [
     ("euar", 16, 1e-3, 100), ("ease", 64, 1e-3, 200), ("concat", 16, 1e-3, 100),
     ("samlml", 48, 1e-5, 100), ("emmr", 32, 1e-3, 20)])

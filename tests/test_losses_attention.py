@@ -60,6 +60,14 @@ def test_variance_and_context_losses_match_row_loops(masked):
   where = mask if masked else None
   np.testing.assert_allclose(attention_variance_loss(logits, beta=0.2, where=where),
                              np_variance_loss(logits, 0.2, mask), rtol=1e-5)
+  # An attention's own masked softmax (padded keys at -1e9, as SAM-LML's) passed as ``probs``
+  # gives the same loss and the same gradient with respect to the logits.
+  probs = lambda a: jax.nn.softmax(jnp.where(mask, a, -1e9), axis=-1)
+  given = lambda a: attention_variance_loss(a, beta=0.2, where=where, probs=probs(a))
+  computed = lambda a: attention_variance_loss(a, beta=0.2, where=where)
+  np.testing.assert_allclose(given(logits), computed(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(given)(jnp.asarray(logits, jnp.float32)),
+                             jax.grad(computed)(jnp.asarray(logits, jnp.float32)), atol=1e-7)
   for rho in (1, 3, 5):
     np.testing.assert_allclose(
         attention_context_loss(logits, gamma=0.5, rho=rho, where=where),
@@ -91,5 +99,7 @@ def test_attention_losses_bad_arguments():
     attention_variance_loss(jnp.zeros(3), beta=0.1)
   with pytest.raises(ValueError, match=r"where: mask shape \(2,\) does not broadcast"):
     attention_variance_loss(jnp.zeros((3, 3)), beta=0.1, where=jnp.ones(2, bool))
+  with pytest.raises(ValueError, match="probs"):
+    attention_variance_loss(jnp.zeros((3, 3)), beta=0.1, probs=jnp.zeros((3, 2)))
   with pytest.raises(ValueError, match=r"higher\[3\], lower\[4\]"):
     margin_ranking_loss(jnp.zeros(3), jnp.zeros(4), margin=1.0)

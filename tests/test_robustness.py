@@ -62,6 +62,22 @@ def test_matched_sweep_trains_and_tests_at_each_level(dataset, available):
   assert sweep[protocol.name] == results
 
 
+def test_matched_sweep_with_the_noise_inside_the_model(dataset, available):
+  """``at_input=False`` (SAM-LML's representation-level noise): valid and test stay clean."""
+  protocol = dataclasses.replace(available["missing_rate"], levels=(0.0, 0.5))
+  seen = []
+
+  def fit_level(level, data):
+    seen.append(data.splits["valid"])
+    return lambda split: (seen.append(split), np.full(split.batch_size, level))[1]
+
+  results = robustness.matched_sweep(fit_level, dataset, protocol, jax.random.key(0),
+                                     lambda p, labels, task: {"level": float(p[0])},
+                                     at_input=False)
+  assert all(split is dataset.splits[name] for split, name in zip(seen, ["valid", "test"] * 2))
+  assert [results[k]["level"] for k in ("0", "0.5", "mean")] == [0.0, 0.5, 0.25]
+
+
 def test_matched_sweep_needs_numeric_levels(dataset, available):
   with pytest.raises(ValueError, match="--matched: 'fixed_subsets'"):
     robustness.matched_sweep(None, dataset, available["fixed_subsets"], jax.random.key(0), None)

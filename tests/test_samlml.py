@@ -81,7 +81,7 @@ def test_terms_reported_in_training_only(setup, spec, batch):
   # Evaluation does not even compute the supervision logits.
   _, _, records = samlml.forward(samlml.make_model(_config(), spec), params, batch, None,
                                  train=False)
-  assert len(records) == 3 + 6 and all(set(r) == {"logits"} for r in records.values())
+  assert len(records) == 3 + 6 and all(set(r) == {"logits", "weights"} for r in records.values())
 
 
 # switch -> (terms it removes, terms that keep only their inter- (or intra-) modal part)
@@ -183,10 +183,12 @@ def test_intra_attention_matches_numpy(setup, spec, batch):
   _, params, _ = setup
   model = samlml.make_model(_config(), spec)
   variables = {"params": params}
-  units = model.apply(variables, batch.features, batch.step_mask, batch.present, None,
-                      train=False, method="encode")
-  outputs, logits = model.apply(variables, units, batch.step_mask, method="attend_intra")
+  units = model.apply(variables, batch.features, batch.step_mask, batch.present, batch.index,
+                      None, train=False, method="encode")
+  attended = model.apply(variables, units, batch.step_mask, method=lambda mdl, u, masks: {
+      m: mdl.intra[i](u[m], u[m], masks[m]) for i, m in enumerate(mdl.modalities)})
   for i, m in enumerate(spec.modalities):
+    logits, outputs = {m: attended[m].logits}, {m: attended[m].output}
     p = params[f"intra_{i}"]
     u = np.asarray(units[m], np.float64)
     expected = _logits(p, u, u)
@@ -194,6 +196,7 @@ def test_intra_attention_matches_numpy(setup, spec, batch):
     mask = np.asarray(batch.step_mask[m])[:, None, :]
     weights = np.exp(np.where(mask, expected - expected.max(-1, keepdims=True), -np.inf))
     weights /= weights.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(attended[m].weights), weights, rtol=1e-4, atol=1e-6)
     h = weights @ (u @ np.asarray(p["value"]["kernel"]))
     h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
     h = h * np.asarray(p["norm"]["scale"]) + np.asarray(p["norm"]["bias"])
@@ -253,25 +256,63 @@ def _dense(p, x):
   return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
 
 
-def test_mixing_term_by_hand(setup, spec, batch, train_records):
-  """``L^mix`` (eq. 26-28): ``max(A - A^mix + gamma_1, 0)`` on the diagonal, 6 ordered pairs."""
-  _, params, _ = setup
-  config = _config()
-  records, metrics = train_records
-  names, total = spec.modalities, 0.0
+def _mixing_total(params, records, batch, names, gamma1):
+  """``L^mix`` (eq. 26-28) in NumPy, summed over the ordered pairs: full logit matrices of
+  ``K^mix_t = lambda X_m2[s(t)] + (1 - lambda) X_m1[t]``, then the pairs ``(t, s(t))``."""
+  total = 0.0
   for name, r in records.items():
     if "->" not in name:
       continue
     query, _, key = name.partition("->")
     p = params[f"inter_{names.index(query)}"]
-    lam = r["mix_weight"]
+    lam, steps = r["mix_weight"], r["mix_steps"].astype(int)
     assert lam.shape == (batch.batch_size, 1, 1) and np.all((lam >= 0) & (lam < 1))
-    mixed = lam * r["mix_keys"] + (1 - lam) * r["mix_queries"]  # eq. 26
+    paired_keys = np.take_along_axis(r["mix_keys"], steps[..., None], axis=1)
+    mixed = lam * paired_keys + (1 - lam) * r["mix_queries"]  # eq. 26 on the common grid
     a, a_mix = _logits(p, r["mix_queries"], r["mix_keys"]), _logits(p, r["mix_queries"], mixed)
-    diagonal = lambda x: np.diagonal(x, axis1=-2, axis2=-1)
-    where = diagonal(_selection(batch, names, query, key))
-    total += np.maximum(diagonal(a) - diagonal(a_mix) + config.gamma1, 0)[where].mean()
-  np.testing.assert_allclose(metrics["mix"], total, rtol=1e-4)
+    pair = lambda x: np.take_along_axis(x, steps[..., None], axis=-1)[..., 0]
+    where = pair(_selection(batch, names, query, key))
+    total += np.maximum(pair(a) - np.diagonal(a_mix, axis1=-2, axis2=-1) + gamma1, 0)[where].mean()
+  return total
+
+
+def test_mixing_term_by_hand(setup, spec, batch, train_records):
+  """``L^mix`` (eq. 26-28): ``max(A - A^mix + gamma_1, 0)`` on the diagonal, 6 ordered pairs."""
+  _, params, _ = setup
+  records, metrics = train_records
+  for name, r in records.items():
+    if "->" in name:  # aligned: the pairs are the diagonal
+      np.testing.assert_array_equal(r["mix_steps"], np.broadcast_to(np.arange(6), (8, 6)))
+  np.testing.assert_allclose(metrics["mix"], _mixing_total(params, records, batch, spec.modalities,
+                                                           _config().gamma1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("query, key, expected", [
+    ([1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0], [0, 2, 4, 6]),  # 3 real steps onto 6
+    ([1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [2, 3, 4, 5]),  # front-padded key
+    ([0, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 3, 5]),  # clipped outside the query's extent
+    ([1, 0, 1, 1], [0, 1, 1, 1], [0, 1, 2, 3]),  # aligned (same T): the diagonal, masks aside
+])
+def test_paired_steps(query, key, expected):
+  steps = samlml.paired_steps(np.array([query], bool), np.array([key], bool))
+  np.testing.assert_array_equal(np.asarray(steps)[0], expected)
+
+
+def test_mixing_on_unaligned_sequences():
+  """Table 11: the full model (mixing included) runs on unaligned sequences, and ``L^mix``
+  equals the NumPy computation on the common time grid."""
+  data = standardize(make_synthetic(jax.random.key(1), n_train=6, n_valid=0, n_test=0,
+                                    seq_len={"text": 5, "audio": 9, "vision": 7}, dims=3))
+  batch, spec = data.splits["train"], TaskSpec.from_dataset(data)
+  method = build("samlml", _config(), spec)
+  params, state = method.init(jax.random.key(0), batch)
+  _, _, records = samlml.forward(samlml.make_model(_config(), spec), params, batch,
+                                 jax.random.key(3), train=True)
+  metrics, _ = _metrics(method, params, state, batch, jax.random.key(3), True)
+  records = jax.tree.map(lambda x: np.asarray(x, np.float64), records)
+  assert records["text->audio"]["mix_steps"].max() > 4  # text's 5 steps reach audio's later ones
+  np.testing.assert_allclose(metrics["mix"], _mixing_total(params, records, batch, spec.modalities,
+                                                           _config().gamma1), rtol=1e-4)
 
 
 def test_decomposition_terms_by_hand(setup, spec, batch, train_records):
@@ -325,28 +366,74 @@ def test_missing_modality_reads_noise(setup, spec, batch):
   model = samlml.make_model(_config(), spec)
   features = dict(batch.features)
   features["audio"] = features["audio"] + 5.0
-  units = [model.apply({"params": params}, f, batch.step_mask, batch.present, None, train=False,
+  units = [model.apply({"params": params}, f, batch.step_mask, batch.present, batch.index, None,
+                       train=False,
                        method="encode")["audio"] for f in (batch.features, features)]
   absent = ~np.asarray(batch.present)[:, 1]
   np.testing.assert_allclose(np.asarray(units[0])[absent], np.asarray(units[1])[absent])
   assert np.abs(np.asarray(units[0])[~absent] - np.asarray(units[1])[~absent]).max() > 1e-3
 
 
+def test_evaluation_noise_differs_across_samples_not_runs(setup, spec, batch):
+  """Missing-modality noise at evaluation is keyed by the sample's row in its split
+  (``Batch.index``): the same input at two rows reads two draws; the same row reads the same draw
+  in every batch and run."""
+  _, params, _ = setup
+  model = samlml.make_model(_config(), spec)
+  rows = batch.take(np.array([0, 0, 0]))  # row 0 misses audio
+  rows = rows.replace(index=np.array([0, 7, 0], np.int32))
+  encode = lambda b: np.asarray(model.apply(
+      {"params": params}, b.features, b.step_mask, b.present, b.index, None, train=False,
+      method="encode")["audio"])
+  units = encode(rows)
+  np.testing.assert_array_equal(units[0], units[2])
+  assert np.abs(units[0] - units[1]).max() > 1e-2
+  np.testing.assert_array_equal(encode(rows), units)  # a second run
+  np.testing.assert_array_equal(encode(batch)[0], units[0])  # another batch holding row 0
+
+
+@pytest.mark.parametrize("kind", samlml.REPRESENTATION_NOISE_TYPES)
+def test_representation_noise_at_the_stated_rate(setup, spec, batch, kind):
+  """Eq. 35 / App. A.14 on ``U_m``, in training and evaluation: ``U^n = (1 - NR) U + NR N`` with
+  unit-variance ``N`` (Gaussian, or per sample Laplace or erasing a fraction NR of the entries)."""
+  _, params, _ = setup
+  rate = 0.3
+  clean_model = samlml.make_model(_config(), spec)
+  noisy_model = samlml.make_model(_config(representation_noise=rate,
+                                          representation_noise_type=kind), spec)
+  for train in (True, False):
+    encode = lambda model, key: np.stack([np.asarray(u, np.float64) for u in model.apply(
+        {"params": params}, batch.features, batch.step_mask, batch.present, batch.index, key,
+        train=train, method="encode").values()], axis=1)  # [B, M, T, d]
+    clean, noisy = encode(clean_model, jax.random.key(1)), encode(noisy_model, jax.random.key(1))
+    noise = (noisy - (1 - rate) * clean) / rate
+    erased = np.all((noisy == 0) | np.isclose(noisy, clean, atol=1e-6), axis=(1, 2, 3))
+    if kind == "gaussian":
+      assert not erased.any()
+    else:  # both types occur; erased samples lose a fraction NR of their entries
+      assert erased.any() and not erased.all(), erased
+      np.testing.assert_allclose((noisy[erased] == 0).mean(), rate, atol=0.05)
+      laplace = noise[~erased]
+      assert np.abs(laplace).mean() / laplace.std() < 0.76  # Laplace 0.71, Gaussian 0.80
+      noise = laplace
+    np.testing.assert_allclose([noise.mean(), noise.std()], [0.0, 1.0], atol=0.08)
+    again = encode(noisy_model, jax.random.key(2))
+    if train:  # fresh draws from the step key
+      assert np.abs(again - noisy).max() > 1e-2
+    else:  # evaluation: keyed by the sample's row, not by the caller's key
+      np.testing.assert_array_equal(again, noisy)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(hidden=15), "model.num_heads"),
     (dict(language=("speech",)), "model.language"),
     (dict(rho=0), "model.rho"),
+    (dict(representation_noise=1.5), "model.representation_noise"),
+    (dict(representation_noise_type="uniform"), "model.representation_noise_type"),
 ])
 def test_bad_config_raises(spec, overrides, message):
   with pytest.raises(ValueError, match=message):
     build("samlml", _config(**overrides), spec)
-
-
-def test_mixing_needs_aligned_sequences():
-  spec = TaskSpec("regression", None, ("text", "audio"), {"text": (6, 4), "audio": (9, 4)})
-  with pytest.raises(ValueError, match="model.use_mix"):
-    build("samlml", _config(), spec)
-  build("samlml", _config(use_mix=False), spec)  # fine without mixing
 
 
 def test_single_modality_raises():

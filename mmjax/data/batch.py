@@ -12,6 +12,7 @@ field                 shape / dtype                meaning
 ``full_features[m]``  ``[B, T_m, D_m]`` float      the clean copy; corruption never touches it
 ``full_step_mask[m]`` ``[B, T_m]`` bool            real steps of the clean copy (never corrupted)
 ``valid``             ``[B]`` bool                 real samples (False = padding of a last batch)
+``index``             ``[B]`` int32                the sample's row in its split (padding: 0)
 ``modalities``        static ``tuple[str, ...]``   modality order of ``present``'s last axis
 ====================  ===========================  =============================================
 
@@ -50,6 +51,7 @@ class Batch:
   full_features: dict[str, Any]
   full_step_mask: dict[str, Any]
   valid: Any
+  index: Any
   modalities: tuple[str, ...] = struct.field(pytree_node=False)
 
   # ------------------------------------------------------------------ construction
@@ -65,6 +67,7 @@ class Batch:
       full_features: Mapping[str, Any] | None = None,
       full_step_mask: Mapping[str, Any] | None = None,
       valid: Any = None,
+      index: Any = None,
       task: str | None = None,
       num_classes: int | None = None,
   ) -> Batch:
@@ -80,6 +83,9 @@ class Batch:
       full_features: the clean copy; default ``features`` itself.
       full_step_mask: real steps of the clean copy; default ``step_mask``.
       valid: ``[B]`` bool; default all true.
+      index: ``[B]`` int32, the sample's row in its split; default ``arange(B)`` (a split built
+        by ``create`` numbers its rows; batches sliced from it keep them). Methods key
+        per-sample evaluation randomness on it (SAM-LML's missing-modality noise).
       task: if given, the label dtype/range is checked against it.
       num_classes: required for ``task='classification'`` range checks.
 
@@ -123,6 +129,8 @@ class Batch:
       present = xp.ones((batch_size, len(modalities)), bool)
     if valid is None:
       valid = xp.ones((batch_size,), bool)
+    if index is None:
+      index = xp.arange(batch_size, dtype=np.int32)
     batch = cls(
         features=dict(features),
         step_mask={m: step_mask[m] for m in _check_keys("step_mask", step_mask, modalities)},
@@ -136,6 +144,7 @@ class Batch:
             for m in _check_keys("full_step_mask", full_step_mask, modalities)
         },
         valid=valid,
+        index=index,
         modalities=modalities,
     )
     batch.validate(task=task, num_classes=num_classes)
@@ -173,6 +182,9 @@ class Batch:
     if self.valid.shape != (b,) or self.valid.dtype != bool:
       raise ValueError(
           f"valid: expected bool [B] = {(b,)}, got {self.valid.dtype}{list(self.valid.shape)}")
+    if self.index.shape != (b,) or not jnp.issubdtype(self.index.dtype, jnp.integer):
+      raise ValueError(
+          f"index: expected int [B] = {(b,)}, got {self.index.dtype}{list(self.index.shape)}")
     if self.label.shape != (b,):
       raise ValueError(f"label: expected shape {(b,)}, got {tuple(self.label.shape)}")
     if task == "regression":

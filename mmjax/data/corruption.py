@@ -444,13 +444,22 @@ def laplace_or_erasing(key: jax.Array, batch: Batch, rate: Any, modalities: Name
   laplace = jax.random.bernoulli(choice_key, 0.5, (batch.batch_size,))[:, None, None]
 
   def fn(k, x, _, i):
-    r = _sample_level(rate, i)
-    noise_key, erase_key = jax.random.split(k)
-    noise = jax.random.laplace(noise_key, x.shape, jnp.float32) / np.sqrt(2.0)
-    erased = jnp.where(jax.random.bernoulli(erase_key, r, x.shape), 0, x)
-    return jnp.where(laplace, (1 - r) * x + r * noise, erased)
+    return laplace_or_erase(k, x, _sample_level(rate, i), laplace)
 
   return _perturb(key, batch, modalities, fn)
+
+
+def laplace_or_erase(key: jax.Array, x: jax.Array, rate: Any, laplace: Any) -> jax.Array:
+  """The array form of :func:`laplace_or_erasing`: ``(1 − r) · x + r · ε``, ``ε ~ Laplace(0,
+  1/√2)`` where ``laplace`` is True, else ``x`` with each entry zeroed with probability ``r``.
+
+  ``key`` splits into the Laplace and the erasing draw (shape ``x.shape``); ``rate`` and
+  ``laplace`` broadcast against ``x``. SAM-LML uses it on unimodal representations too (App. A.14).
+  """
+  noise_key, erase_key = jax.random.split(key)
+  noise = jax.random.laplace(noise_key, x.shape, jnp.float32) / np.sqrt(2.0)
+  erased = jnp.where(jax.random.bernoulli(erase_key, rate, x.shape), 0, x)
+  return jnp.where(laplace, (1 - rate) * x + rate * noise, erased)
 
 
 # ---------------------------------------------------------------------------------- sample-wise

@@ -42,7 +42,8 @@ def margin_ranking_loss(higher: Any, lower: Any, *, margin: float, where: Any = 
   return masked_mean(jnp.maximum(lower - higher + margin, 0.0), where)
 
 
-def attention_variance_loss(attn_logits: Any, *, beta: float, where: Any = None) -> jax.Array:
+def attention_variance_loss(attn_logits: Any, *, beta: float, where: Any = None,
+                            probs: Any = None) -> jax.Array:
   """Variance constraint: ``mean_rows max(0, beta - std(softmax(A)_row))``.
 
   Each query row is normalised with a softmax over its selected keys; ``std`` is the population
@@ -54,6 +55,9 @@ def attention_variance_loss(attn_logits: Any, *, beta: float, where: Any = None)
     attn_logits: ``<float>[..., Q, K]`` attention logits ``A = Q K^T / sqrt(d)``.
     beta: the threshold ``beta >= 0``.
     where: optional ``<bool>`` broadcastable to ``[..., Q, K]`` selecting keys (per row).
+    probs: optional ``[..., Q, K]`` softmax of ``attn_logits`` that the caller already has (an
+      attention computes it anyway); every row with a selected key must be the softmax over
+      exactly the selected keys (0 elsewhere). ``None``: computed here.
 
   Returns:
     ``<float32>[]``.
@@ -65,7 +69,12 @@ def attention_variance_loss(attn_logits: Any, *, beta: float, where: Any = None)
   check_rank("attn_logits", attn_logits, 2, "[..., Q, K]")
   check_nonnegative("beta", beta)
   keys = _key_mask(where, attn_logits.shape)
-  probs = _masked_softmax(attn_logits, keys)
+  if probs is None:
+    probs = _masked_softmax(attn_logits, keys)
+  else:
+    probs = as_float("probs", probs)
+    if probs.shape != attn_logits.shape:
+      raise ValueError(f"probs: expected shape {attn_logits.shape}, got {probs.shape}")
   n_keys = jnp.sum(keys, axis=-1)
   row_mean = 1.0 / jnp.maximum(n_keys, 1)  # a softmax row sums to 1
   var = masked_mean(jnp.square(probs - row_mean[..., None]), keys, axis=-1)

@@ -3,11 +3,17 @@
 SPEC §6.3; equation numbers are the paper's:
 
 * **Missing modalities** (§3). An absent modality's input features ``Z_m`` are replaced by Gaussian
-  noise ``N(0, 1)`` on its real steps (``step_mask``; padded steps stay 0). In training the noise is
-  drawn per sample from the step key. At evaluation it comes from a fixed key
-  (``fold_in(PRNGKey(EVAL_NOISE_SEED), m)``) and has shape ``[1, T_m, D_m]``, broadcast over the
-  batch: evaluation is a deterministic function of the batch, independent of the caller's key and
-  of a sample's position in its batch.
+  noise ``N(0, 1)`` on its real steps (``step_mask``; padded steps stay 0), drawn per sample
+  (:func:`sample_keys`): in training from the step key, at evaluation from the sample's row in
+  its split (``Batch.index``, ``fold_in(PRNGKey(EVAL_NOISE_SEED), index_b)``). Evaluation is thus
+  a deterministic function of the split — independent of the caller's key, of the batching and of
+  a sample's position in its batch — and no metric hinges on one shared draw.
+* **Representation-level noise** (eq. 35, App. A.14; ``representation_noise`` = NR > 0):
+  ``U_m <- (1 - NR) U_m + NR N`` on every modality of every sample right after the unimodal
+  networks, in training *and* evaluation, per-sample draws as above (``representation_noise_type
+  = "laplace_erasing"``: Laplace mixing or random erasing per sample, Table 13). The Table 6 / 13
+  protocols of ``experiments.robustness --noise_level=representation``; input-level noise (the
+  ``mix`` / ``laplace_erasing`` protocols on the features) is the method-agnostic alternative.
 * **Unimodal networks** (App. A.1 eq. 30-31). Modalities named in ``config.language`` (default
   ``("auto",)``: ``text`` if the data has it, else every utterance-level modality, so multi-view data
   runs too; :func:`language_modalities`):
@@ -27,7 +33,8 @@ SPEC §6.3; equation numbers are the paper's:
 * **Noise addition** (eq. 3-6), training only, for every intra- and inter-modal attention with
   queries ``q``, keys ``k`` (``U_m`` resp. ``X_{m2}``): ``N ~ N(0, I)`` shaped like ``k``,
   ``lambda ~ U(0, 1)`` per sample, ``A^n = logits(q, N)``, ``A^{n'} = logits(q, lambda k +
-  (1 - lambda) N)``; ``L^n = rank(A > A^n) + rank(A^{n'} > A^n)`` with
+  (1 - lambda) N) = lambda A + (1 - lambda) A^n`` (``W_k`` is linear: computed so, with the
+  queries projected once per attention); ``L^n = rank(A > A^n) + rank(A^{n'} > A^n)`` with
   :func:`mmjax.losses.margin_ranking_loss` (margin ``gamma_1``) averaged over the selected
   (query, key) pairs. Selected = valid sample, query and key both real steps, and the modalities
   involved present: a modality that *is* noise gives no meaningful ranking target.
@@ -44,8 +51,10 @@ SPEC §6.3; equation numbers are the paper's:
 * **Modality mixing** (eq. 26-28), training only, inter-modal: ``K^mix = lambda X_m2 + (1 -
   lambda) X_m1``, ``lambda ~ U(0, 1)`` per sample, ``A^mix = logits(X_m1, K^mix)`` with the query
   modality's inter-modal block; ``mix = rank(diag A^mix > diag A)`` over the diagonal (same time
-  slice). It needs aligned sequences (``T_m1 == T_m2``); ``build`` refuses unaligned data unless
-  ``use_mix=False``.
+  slice). Only those diagonal entries are computed (:meth:`SAMLMLModel._mixing_record`).
+  Unaligned sequences (``T_m1 != T_m2``, Table 11) are mixed on the query's time grid: step ``t``
+  is paired with the key step ``s(t)`` that maps the query's observed extent linearly onto the
+  key's (:func:`paired_steps`), and ``diag`` reads ``A[t, s(t)]``.
 * **Variance constraint** (eq. 14) on every intra- and inter-modal attention
   (:func:`mmjax.losses.attention_variance_loss`, ``beta``) and **context constraint** (eq. 15) on
   every intra-modal attention (:func:`mmjax.losses.attention_context_loss`, ``gamma``, ``rho``),
@@ -81,6 +90,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -88,12 +98,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmjax.data import Batch
+from mmjax.data.corruption import laplace_or_erase
 from mmjax.losses import attention_context_loss, attention_variance_loss, margin_ranking_loss
 from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, TaskSpec, head_output, task_loss
 from mmjax.nn import TransformerEncoder, masked_mean_pool
 
-EVAL_NOISE_SEED = 0  # the fixed key of the missing-modality noise at evaluation
+EVAL_NOISE_SEED = 0  # evaluation noise of sample b: fold_in(PRNGKey(EVAL_NOISE_SEED), index_b)
+REPRESENTATION_NOISE_TYPES = ("gaussian", "laplace_erasing")  # eq. 35, App. A.14
+# The input-level protocols (mmjax.data.protocols) whose representation-level twins these are.
+REPRESENTATION_PROTOCOLS = {"mix": "gaussian", "laplace_erasing": "laplace_erasing"}
 MASKED_LOGIT = -1e9  # logit of a padded key inside the softmax
 
 
@@ -127,11 +141,30 @@ def default_config() -> ml_collections.ConfigDict:
       use_con=True,  # context constraint (eq. 15), intra
       supervise_intra=True,  # False: no supervision of any intra-modal attention (Table 4)
       supervise_inter=True,  # False: no supervision of any inter-modal attention (Table 4)
+      # Eq. 35 / App. A.14 at the representation level: U_m <- (1 - NR) U_m + NR N after the
+      # unimodal networks, in training and evaluation (0 = off; Table 6 / 13 protocols).
+      representation_noise=0.0,
+      representation_noise_type="gaussian",  # or "laplace_erasing" (App. A.14, Table 13)
   ))
 
 
+class Attended(NamedTuple):
+  """One attention's results: ``output`` ``X [B, Q, d]``, ``logits`` ``A [B, Q, K]``, the masked
+  softmax ``weights [B, Q, K]`` (0 on padded keys) and the projected, scaled queries
+  ``queries W_q / sqrt(d)`` ``[B, Q, d]`` that further logits reuse."""
+
+  output: jax.Array
+  logits: jax.Array
+  weights: jax.Array
+  queries: jax.Array
+
+
 class SupervisedAttention(nn.Module):
-  """Single-head attention; its logits can be re-evaluated on other keys (eq. 1-2, 16-17, 21-22)."""
+  """Single-head attention; its logits can be re-evaluated on other keys (eq. 1-2, 16-17, 21-22).
+
+  The supervision passes reuse the projected queries of :meth:`__call__` (``Attended.queries``):
+  ``logits(projected, keys) = projected (keys W_k)^T`` projects only the new keys.
+  """
 
   hidden: int
 
@@ -141,16 +174,26 @@ class SupervisedAttention(nn.Module):
     self.value = nn.Dense(self.hidden, use_bias=False)
     self.norm = nn.LayerNorm()
 
-  def logits(self, queries: jax.Array, keys: jax.Array) -> jax.Array:
-    """``A = queries W_q (keys W_k)^T / sqrt(d)``: ``[B, Q, d], [B, K, d] -> [B, Q, K]``."""
-    return jnp.einsum("bqd,bkd->bqk", self.query(queries), self.key(keys)) / math.sqrt(self.hidden)
+  def project_queries(self, queries: jax.Array) -> jax.Array:
+    """``queries W_q / sqrt(d)``: ``[B, Q, d] -> [B, Q, d]``."""
+    return self.query(queries) / math.sqrt(self.hidden)
 
-  def __call__(self, queries: jax.Array, keys: jax.Array, key_mask: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
-    """``X = LN(softmax(A) keys W_v)`` over the keys of ``key_mask [B, K]``; returns ``X, A``."""
-    logits = self.logits(queries, keys)  # Shape: [B, Q, K]
+  def logits(self, projected: jax.Array, keys: jax.Array) -> jax.Array:
+    """``A = projected (keys W_k)^T`` for queries projected by :meth:`project_queries`:
+    ``[B, Q, d], [B, K, d] -> [B, Q, K]``."""
+    return jnp.einsum("bqd,bkd->bqk", projected, self.key(keys))
+
+  def __call__(self, queries: jax.Array, keys: jax.Array, key_mask: jax.Array) -> Attended:
+    """``X = LN(softmax(A) keys W_v)`` over the keys of ``key_mask [B, K]``."""
+    return self.attend(self.project_queries(queries), keys, key_mask)
+
+  def attend(self, projected: jax.Array, keys: jax.Array, key_mask: jax.Array) -> Attended:
+    """:meth:`__call__` for queries already projected by :meth:`project_queries` (an inter-modal
+    block attends from one query modality to several key modalities)."""
+    logits = self.logits(projected, keys)  # Shape: [B, Q, K]
     weights = jax.nn.softmax(jnp.where(key_mask[:, None, :], logits, MASKED_LOGIT), axis=-1)
-    return self.norm(jnp.einsum("bqk,bkd->bqd", weights, self.value(keys))), logits
+    output = self.norm(jnp.einsum("bqk,bkd->bqd", weights, self.value(keys)))
+    return Attended(output, logits, weights, projected)
 
 
 class UnimodalNetwork(nn.Module):
@@ -200,7 +243,9 @@ class SAMLMLModel(nn.Module):
 
   ``intra_ops`` / ``inter_ops`` name the training-time operations that need extra model passes:
   ``"noise"`` (eq. 3-6) and ``"de"`` (eq. 7-13) for intra-modal attention, ``"noise"`` and
-  ``"mix"`` (eq. 26-28) for inter-modal attention.
+  ``"mix"`` (eq. 26-28) for inter-modal attention. ``representation_noise`` is eq. 35's NR on
+  ``U_m`` (training and evaluation), of type ``representation_noise_type`` (``"gaussian"``: eq.
+  35; ``"laplace_erasing"``: App. A.14).
   """
 
   modalities: tuple[str, ...]
@@ -213,6 +258,8 @@ class SAMLMLModel(nn.Module):
   dropout: float = 0.0
   intra_ops: tuple[str, ...] = ("noise", "de")
   inter_ops: tuple[str, ...] = ("noise", "mix")
+  representation_noise: float = 0.0
+  representation_noise_type: str = "gaussian"
 
   def setup(self):
     self.unimodal = [
@@ -228,106 +275,118 @@ class SAMLMLModel(nn.Module):
     self.predictor_out = nn.Dense(self.output_dim)
 
   def encode(self, features: dict[str, jax.Array], masks: dict[str, jax.Array],
-             present: jax.Array, key: jax.Array | None, *, train: bool) -> dict[str, jax.Array]:
-    """Unimodal representations ``U_m [B, T_m, d]``; absent modalities read Gaussian noise.
+             present: jax.Array, index: jax.Array, key: jax.Array | None, *, train: bool
+             ) -> dict[str, jax.Array]:
+    """Unimodal representations ``U_m [B, T_m, d]``: absent modalities read Gaussian noise, and
+    ``U_m`` carries the representation-level noise when ``representation_noise > 0``.
 
-    ``key`` draws the training noise (per sample); evaluation ignores it (module docstring).
+    Every draw is per sample (:func:`sample_keys`): from ``key`` in training, from the sample's
+    ``index [B]`` at evaluation. Modality ``i``'s missing-modality noise uses ``fold_in(k_b, 2 i)``,
+    its representation noise ``fold_in(k_b, 2 i + 1)``; the sample's App. A.14 noise type
+    ``fold_in(k_b, 2 M)``.
     """
+    keys = sample_keys(key, index, train=train)
+    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+    # App. A.14: one noise type per sample, shared by its modalities (True = Laplace).
+    laplace = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5))(fold(keys, 2 * len(self.modalities)))
     out = {}
     for i, (m, net) in enumerate(zip(self.modalities, self.unimodal)):
       x, mask = features[m], masks[m]
-      if train:
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-      else:
-        noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(EVAL_NOISE_SEED), i),
-                                  (1,) + x.shape[1:], x.dtype)
+      noise = jax.vmap(lambda k, s=x.shape[1:]: jax.random.normal(k, s, x.dtype))(fold(keys, 2 * i))
       noise = noise * mask[..., None].astype(x.dtype)
-      x = jnp.where(present[:, i, None, None], x, noise)
-      out[m] = net(x, mask, train=train)
+      units = net(jnp.where(present[:, i, None, None], x, noise), mask, train=train)
+      if self.representation_noise:
+        units = noisy_representation(fold(keys, 2 * i + 1), units, self.representation_noise,
+                                     self.representation_noise_type, laplace)
+      out[m] = units
     return out
-
-  def attend_intra(self, units: dict[str, jax.Array], masks: dict[str, jax.Array]
-                   ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """Eq. 1-2 per modality: ``X_m [B, T, d]`` and logits ``A_m [B, T, T]``."""
-    outputs, logits = {}, {}
-    for m, attention in zip(self.modalities, self.intra):
-      outputs[m], logits[m] = attention(units[m], units[m], masks[m])
-    return outputs, logits
 
   def predict(self, x: jax.Array) -> jax.Array:
     """Eq. 23-24 predictor ``[..., d] -> [..., out]``."""
     return self.predictor_out(nn.gelu(self.predictor_hidden(x)))
 
   def __call__(self, features: dict[str, jax.Array], masks: dict[str, jax.Array],
-               present: jax.Array, key: jax.Array | None, *, train: bool
+               present: jax.Array, index: jax.Array, key: jax.Array | None, *, train: bool
                ) -> tuple[jax.Array, jax.Array, dict[str, dict[str, jax.Array]]]:
     """Returns ``p [B, out]``, ``p_m [B, M, out]`` and one record per attention.
 
-    Records are keyed ``"m"`` (intra) and ``"m1->m2"`` (inter); each holds ``logits``, and in
-    training the entries of :meth:`_noise_record`, :meth:`_decomposition_record` and
-    :meth:`_mixing_record` for the operations in ``intra_ops`` / ``inter_ops``.
+    Records are keyed ``"m"`` (intra) and ``"m1->m2"`` (inter); each holds ``logits`` and
+    ``weights`` (the masked softmax), and in training the entries of :meth:`_noise_record`,
+    :meth:`_decomposition_record` and :meth:`_mixing_record` for the operations in ``intra_ops`` /
+    ``inter_ops``.
     """
     encode_key, supervision_key = jax.random.split(key) if train else (None, None)
-    units = self.encode(features, masks, present, encode_key, train=train)
-    xs, intra_logits = self.attend_intra(units, masks)
+    units = self.encode(features, masks, present, index, encode_key, train=train)
     num = len(self.modalities)
     # Record i (intra) and M (i + 1) + j (inter i -> j) draw from fold_in(supervision_key, index).
-    records = {}
+    records, xs = {}, {}
     for i, m in enumerate(self.modalities):
-      records[m] = {"logits": intra_logits[m]}
+      attended = self.intra[i](units[m], units[m], masks[m])  # eq. 1-2
+      xs[m] = attended.output
+      records[m] = {"logits": attended.logits, "weights": attended.weights}
       if train:
         noise_key, de_key = jax.random.split(jax.random.fold_in(supervision_key, i))
         if "noise" in self.intra_ops:
-          records[m].update(self._noise_record(self.intra[i], units[m], units[m], noise_key))
+          records[m].update(self._noise_record(self.intra[i], attended, units[m], units[m],
+                                               noise_key))
         if "de" in self.intra_ops:
-          records[m].update(self._decomposition_record(i, units[m], masks[m], de_key))
+          records[m].update(self._decomposition_record(i, attended, units[m], masks[m], de_key))
     pooled = []
     for i, m1 in enumerate(self.modalities):
       per_key = []
+      projected = self.inter[i].project_queries(xs[m1])  # shared by m1's |M| - 1 attentions
+      if train and "mix" in self.inter_ops:  # q_t . (X_m1[t] W_k), shared likewise
+        own_logits = jnp.einsum("btd,btd->bt", projected, self.inter[i].key(xs[m1]))
       for j, m2 in enumerate(self.modalities):
         if i == j:
           continue
-        x12, logits = self.inter[i](xs[m1], xs[m2], masks[m2])
-        record = records[f"{m1}->{m2}"] = {"logits": logits}
+        attended = self.inter[i].attend(projected, xs[m2], masks[m2])  # eq. 16-17
+        record = records[f"{m1}->{m2}"] = {"logits": attended.logits, "weights": attended.weights}
         if train:
           noise_key, mix_key = jax.random.split(
               jax.random.fold_in(supervision_key, num * (i + 1) + j))
           if "noise" in self.inter_ops:
-            record.update(self._noise_record(self.inter[i], xs[m1], xs[m2], noise_key))
+            record.update(self._noise_record(self.inter[i], attended, xs[m1], xs[m2], noise_key))
           if "mix" in self.inter_ops:
-            record.update(self._mixing_record(self.inter[i], xs[m1], xs[m2], mix_key))
-        per_key.append(masked_mean_pool(x12, masks[m1]))
+            record.update(self._mixing_record(attended, own_logits, xs[m1], xs[m2], masks[m1],
+                                              masks[m2], mix_key))
+        per_key.append(masked_mean_pool(attended.output, masks[m1]))
       pooled.append(jnp.mean(jnp.stack(per_key), axis=0))  # eq. 18-19
     stacked = jnp.stack(pooled, axis=1)  # Shape: [B, M, d]
     query = jnp.broadcast_to(self.pool_query[None], (stacked.shape[0], 1, self.hidden))
-    fused, _ = self.pool(query, stacked, jnp.ones(stacked.shape[:2], bool))  # eq. 20-22
+    fused = self.pool(query, stacked, jnp.ones(stacked.shape[:2], bool)).output  # eq. 20-22
     return self.predict(fused[:, 0]), self.predict(stacked), records
 
   def initialize(self, features: dict[str, jax.Array], masks: dict[str, jax.Array],
-                 present: jax.Array) -> jax.Array:
+                 present: jax.Array, index: jax.Array) -> jax.Array:
     """The evaluation pass plus the decomposition networks: creates every parameter (``init``)
     without tracing the training-only supervision passes."""
-    outputs, _, _ = self(features, masks, present, None, train=False)
+    outputs, _, _ = self(features, masks, present, index, None, train=False)
     if "de" in self.intra_ops:
-      units = self.encode(features, masks, present, None, train=False)
+      units = self.encode(features, masks, present, index, None, train=False)
       for decomposition, m in zip(self.decompositions, self.modalities):
         decomposition(units[m])
     return outputs
 
-  def _noise_record(self, attention: SupervisedAttention, queries: jax.Array, keys: jax.Array,
-                    key: jax.Array) -> dict[str, jax.Array]:
+  def _noise_record(self, attention: SupervisedAttention, attended: Attended, queries: jax.Array,
+                    keys: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
     """Eq. 3 and 5: ``noise_logits`` ``A^n`` against keys ``N ~ N(0, I)`` shaped like ``keys``,
     ``noisy_logits`` ``A^{n'}`` against ``lambda keys + (1 - lambda) N``, ``lambda ~ U(0, 1)``
-    per sample (``noise_weight [B, 1, 1]``)."""
+    per sample (``noise_weight [B, 1, 1]``).
+
+    ``W_k`` is linear and bias-free, so ``A^{n'} = lambda A + (1 - lambda) A^n`` exactly: one
+    extra logit matrix per attention, not two (``queries``/``keys`` are recorded for tests).
+    """
     noise_key, weight_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, keys.shape, keys.dtype)
     weight = jax.random.uniform(weight_key, (keys.shape[0], 1, 1), keys.dtype)
+    noise_logits = attention.logits(attended.queries, noise)
     return {"queries": queries, "keys": keys, "noise": noise, "noise_weight": weight,
-            "noise_logits": attention.logits(queries, noise),
-            "noisy_logits": attention.logits(queries, weight * keys + (1.0 - weight) * noise)}
+            "noise_logits": noise_logits,
+            "noisy_logits": weight * attended.logits + (1.0 - weight) * noise_logits}
 
-  def _decomposition_record(self, index: int, units: jax.Array, mask: jax.Array, key: jax.Array
-                            ) -> dict[str, jax.Array]:
+  def _decomposition_record(self, index: int, attended: Attended, units: jax.Array,
+                            mask: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
     """Eq. 7, 9, 11, 12 for modality ``index``.
 
     ``de_logits`` ``A^de = logits(U, stop_gradient(K^de))`` (the ranking trains the attention,
@@ -342,18 +401,82 @@ class SAMLMLModel(nn.Module):
     noise = jax.random.normal(key, (units.shape[0], units.shape[-1]), units.dtype)
     return {"units": units, "irrelevant": irrelevant, "relevant": relevant,
             "recomposed": recomposed,
-            "de_logits": self.intra[index].logits(units, jax.lax.stop_gradient(irrelevant)),
+            "de_logits": self.intra[index].logits(attended.queries,
+                                                  jax.lax.stop_gradient(irrelevant)),
             "irrelevant_prediction": self.predict(masked_mean_pool(irrelevant, mask)),
             "pred_noise": noise,
             "noise_prediction": jax.lax.stop_gradient(self.predict(noise))}
 
-  def _mixing_record(self, attention: SupervisedAttention, queries: jax.Array, keys: jax.Array,
-                     key: jax.Array) -> dict[str, jax.Array]:
-    """Eq. 26-27: ``mix_logits`` ``A^mix = logits(X_m1, lambda X_m2 + (1 - lambda) X_m1)``,
-    ``lambda ~ U(0, 1)`` per sample (``mix_weight [B, 1, 1]``); needs ``T_m1 == T_m2``."""
+  def _mixing_record(self, attended: Attended, own_logits: jax.Array, queries: jax.Array,
+                     keys: jax.Array, query_mask: jax.Array, key_mask: jax.Array, key: jax.Array
+                     ) -> dict[str, jax.Array]:
+    """Eq. 26-27 on the query's time grid: query step ``t`` is paired with key step ``s(t)``
+    (:func:`paired_steps`; ``s(t) = t`` for aligned sequences), ``K^mix_t = lambda X_m2[s(t)] +
+    (1 - lambda) X_m1[t]``, ``lambda ~ U(0, 1)`` per sample (``mix_weight [B, 1, 1]``).
+
+    Only the pairs ``(t, s(t))`` enter eq. 28, so only they are computed: ``mix_logits [B, T_m1]``
+    ``= A^mix[t, t] = lambda A[t, s(t)] + (1 - lambda) q_t . (X_m1[t] W_k)`` (``W_k`` linear;
+    ``own_logits [B, T_m1]`` is the second dot product) and ``mix_reference [B, T_m1] =
+    A[t, s(t)]``; ``mix_steps [B, T_m1]`` is ``s``.
+    """
     weight = jax.random.uniform(key, (keys.shape[0], 1, 1), keys.dtype)
-    return {"mix_queries": queries, "mix_keys": keys, "mix_weight": weight,
-            "mix_logits": attention.logits(queries, weight * keys + (1.0 - weight) * queries)}
+    steps = paired_steps(query_mask, key_mask)  # Shape: [B, T_m1]
+    reference = jnp.take_along_axis(attended.logits, steps[..., None], axis=-1)[..., 0]
+    return {"mix_queries": queries, "mix_keys": keys, "mix_weight": weight, "mix_steps": steps,
+            "mix_reference": reference,
+            "mix_logits": weight[..., 0] * reference + (1.0 - weight[..., 0]) * own_logits}
+
+
+def sample_keys(key: jax.Array | None, index: jax.Array, *, train: bool) -> jax.Array:
+  """``[B]`` keys, one per sample: ``split(key, B)`` in training; at evaluation
+  ``fold_in(PRNGKey(EVAL_NOISE_SEED), index_b)``, so a sample's evaluation noise depends on its
+  row in the split only — not on the caller's key, its batch or its position there — and
+  differs from sample to sample."""
+  if train:
+    return jax.random.split(key, index.shape[0])
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(EVAL_NOISE_SEED),
+                                                        index)
+
+
+def noisy_representation(keys: jax.Array, units: jax.Array, rate: float, kind: str,
+                         laplace: jax.Array) -> jax.Array:
+  """Eq. 35 on ``U_m [B, T, d]`` with per-sample ``keys [B]``.
+
+  ``"gaussian"``: ``(1 - NR) U + NR N``, ``N ~ N(0, 1)`` from ``k_b``. ``"laplace_erasing"`` (App.
+  A.14): Laplace mixing (unit variance) where ``laplace [B]`` is True, else random erasing of each
+  entry with probability ``NR``, as :func:`mmjax.data.corruption.laplace_or_erase`.
+  """
+  if kind == "gaussian":
+    noise = jax.vmap(lambda k: jax.random.normal(k, units.shape[1:], units.dtype))(keys)
+    return (1.0 - rate) * units + rate * noise
+  return jax.vmap(laplace_or_erase, in_axes=(0, 0, None, 0))(keys, units, rate, laplace
+                                                             ).astype(units.dtype)
+
+
+def paired_steps(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
+  """``s [B, T_q]`` int: the key step paired with each query step by modality mixing (eq. 26-28).
+
+  Aligned sequences (``T_q == T_k``): ``s(t) = t``, the paper's diagonal. Unaligned ones: the
+  query's observed extent ``[f_q, l_q]`` (first to last real step) is mapped linearly onto the
+  key's ``[f_k, l_k]``, ``s(t) = f_k + floor((t - f_q) (l_k - f_k + 1) / (l_q - f_q + 1))``,
+  clipped to the key's range (a common time grid; steps outside the query's extent are not
+  selected by the loss anyway).
+  """
+  t_q, t_k = query_mask.shape[-1], key_mask.shape[-1]
+  steps = jnp.broadcast_to(jnp.arange(t_q, dtype=jnp.int32), query_mask.shape)
+  if t_q == t_k:
+    return steps
+
+  def extent(mask):
+    position = jnp.arange(mask.shape[-1])
+    first = jnp.min(jnp.where(mask, position, mask.shape[-1]), axis=-1)
+    last = jnp.max(jnp.where(mask, position, -1), axis=-1)
+    first = jnp.where(last >= 0, first, 0)
+    return first[:, None], jnp.maximum(last - first + 1, 1)[:, None]
+
+  (first_q, length_q), (first_k, length_k) = extent(query_mask), extent(key_mask)
+  mapped = first_k + ((steps - first_q) * length_k) // length_q
+  return jnp.clip(mapped, 0, t_k - 1).astype(jnp.int32)
 
 
 def supervised_operations(config: ml_collections.ConfigDict
@@ -368,7 +491,8 @@ def make_model(config: ml_collections.ConfigDict, spec: TaskSpec) -> SAMLMLModel
   intra_ops, inter_ops = supervised_operations(config)
   return SAMLMLModel(spec.modalities, language_modalities(config, spec), spec.output_dim,
                      config.hidden, config.num_layers, config.num_heads, config.mlp_ratio,
-                     config.dropout, intra_ops, inter_ops)
+                     config.dropout, intra_ops, inter_ops, float(config.representation_noise),
+                     config.representation_noise_type)
 
 
 def attention_selection(batch: Batch, query: str, key: str) -> jax.Array:
@@ -434,8 +558,9 @@ def supervision_terms(records: dict[str, dict[str, jax.Array]], batch: Batch,
   Per intra-modal attention of modality ``m``: ``noise`` (eq. 3-6), ``de`` = rank(A > A^de)
   (eq. 8) and ``orth``/``mi``/``recon`` (:func:`decomposition_terms`), ``var`` (eq. 14), ``con``
   (eq. 15). Per inter-modal attention ``m1 -> m2``: ``noise``, ``mix`` = rank(diag A^mix >
-  diag A) (eq. 28), ``var``. Every term averages over :func:`attention_selection` (``mix`` over its
-  diagonal; the decomposition terms over the steps of valid samples where ``m`` is present).
+  A[t, s(t)]) (eq. 28, over the pairs of :func:`paired_steps`, the diagonal when aligned), ``var``.
+  Every term averages over :func:`attention_selection` (``mix`` over its pairs; the decomposition
+  terms over the steps of valid samples where ``m`` is present).
 
   Args:
     records: the model's per-attention records (training mode), keyed ``"m"`` or ``"m1->m2"``.
@@ -458,12 +583,12 @@ def supervision_terms(records: dict[str, dict[str, jax.Array]], batch: Batch,
       terms["noise"] += (rank(logits, record["noise_logits"], where=where)
                          + rank(record["noisy_logits"], record["noise_logits"], where=where))
     if "var" in names:
-      terms["var"] += attention_variance_loss(logits, beta=config.beta, where=where)
+      terms["var"] += attention_variance_loss(logits, beta=config.beta, where=where,
+                                              probs=record["weights"])
     if key:
       if "mix" in names:
-        diagonal = functools.partial(jnp.diagonal, axis1=-2, axis2=-1)
-        terms["mix"] += rank(diagonal(record["mix_logits"]), diagonal(logits),
-                             where=diagonal(where))
+        paired = jnp.take_along_axis(where, record["mix_steps"][..., None], axis=-1)[..., 0]
+        terms["mix"] += rank(record["mix_logits"], record["mix_reference"], where=paired)
       continue
     if "con" in names:
       terms["con"] += attention_context_loss(logits, gamma=config.gamma, rho=config.rho,
@@ -495,7 +620,8 @@ def forward(model: SAMLMLModel, params, batch: Batch, key: jax.Array | None, *, 
   else:
     key, rngs = None, {}
   return model.apply({"params": params}, batch.features, batch.step_mask,
-                     jnp.asarray(batch.present), key, train=train, rngs=rngs)
+                     jnp.asarray(batch.present), jnp.asarray(batch.index), key, train=train,
+                     rngs=rngs)
 
 
 def check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
@@ -511,11 +637,12 @@ def check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
                      f"{spec.modalities}")
   if isinstance(config.rho, bool) or not isinstance(config.rho, int) or config.rho < 1:
     raise ValueError(f"model.rho: expected an int >= 1, got {config.rho!r}")
-  lengths = {m: spec.feature_shapes[m][0] for m in spec.modalities}
-  if "mix" in supervised_operations(config)[1] and len(set(lengths.values())) > 1:
-    raise ValueError(f"model.use_mix: modality mixing (eq. 26-28) mixes time slices of two "
-                     f"modalities and needs aligned sequences, got lengths {lengths}; "
-                     "set use_mix=False for unaligned data")
+  rate = config.representation_noise
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+    raise ValueError(f"model.representation_noise: expected a noisy rate in [0, 1], got {rate!r}")
+  if config.representation_noise_type not in REPRESENTATION_NOISE_TYPES:
+    raise ValueError(f"model.representation_noise_type: expected one of "
+                     f"{REPRESENTATION_NOISE_TYPES}, got {config.representation_noise_type!r}")
 
 
 def language_modalities(config: ml_collections.ConfigDict, spec: TaskSpec) -> tuple[str, ...]:
@@ -536,7 +663,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
   @jax.jit
   def init(key, batch):
     return model.init(key, batch.features, batch.step_mask, jnp.asarray(batch.present),
-                      method=SAMLMLModel.initialize)["params"], {}
+                      jnp.asarray(batch.index), method=SAMLMLModel.initialize)["params"], {}
 
   def loss(params, state, batch, key, train):
     outputs, modality_outputs, records = forward(model, params, batch, key, train=train)
