@@ -290,7 +290,57 @@ def test_same_seed_same_metrics(trained, pretrained_only):
 # ----------------------------------------------------------------------------- config, blocks
 
 
+@pytest.mark.parametrize("level", [0.2, 0.5])
+def test_matched_drop_one_never_drops_two(method, dataset, level):
+  """EMMR's matched protocol (``--matched=drop_one``) replaces its own training regime: the
+  corruption the trainer applies to every training batch is ``drop_one`` at the level alone, so
+  a sample misses at most one modality and a fraction ``level`` misses one (counted over 40
+  batches of 192)."""
+  from mmjax import robustness  # pylint: disable=g-import-not-at-top
+  from mmjax.train import train_corruption  # pylint: disable=g-import-not-at-top
+  config = _train_config()
+  config.train_corruption = robustness.matched_corruption(
+      robustness.protocols(MODALITIES)["drop_one"], level)
+  corrupt = jax.jit(train_corruption(method, dataset, config))
+  missing = np.concatenate([
+      (~np.asarray(corrupt(jax.random.key(k), dataset.splits["train"]).present)).sum(-1)
+      for k in range(40)])
+  assert missing.max() == 1
+  np.testing.assert_allclose(np.mean(missing == 1), level, atol=0.02)
+
+
+def test_paper_literal_teacher_and_backward(method, spec, trained, corrupted):
+  """``teacher_input="corrupted"``: ``L_forward`` compares ``F`` with the frozen network's
+  ``E_pre`` of the missing-modality input (§3.2); ``backward_members="tf"``: ``L_backward`` is
+  the TF decoder's term alone. Each checked against a recomputation from the parts."""
+  params, batch = trained.state.params, corrupted
+  pretrained, _ = emmr.make_models(_config(), spec)
+  present = np.asarray(batch.present)
+  observed = {m: np.asarray(batch.step_mask[m]) & present[:, i, None]
+              for i, m in enumerate(batch.modalities)}
+  e_pre = {
+      "clean": pretrained.apply({"params": params["pretrained"]}, batch.full_features,
+                                batch.full_step_mask, np.ones_like(present), train=False)[1],
+      "corrupted": pretrained.apply({"params": params["pretrained"]}, batch.features, observed,
+                                    present, train=False)[1]}
+  assert float(jnp.abs(e_pre["clean"] - e_pre["corrupted"]).max()) > 1e-3
+  literal = build("emmr", _config(teacher_input="corrupted", backward_members="tf"), spec)
+  loss = jax.jit(lambda m, p: m.loss(p, {}, batch, jax.random.key(0), False)[1][0],
+                 static_argnums=0)
+  for variant, teacher in ((method, "clean"), (literal, "corrupted")):
+    metrics = loss(variant, params)
+    pooled = emmr.diagnostics(params, batch, _config(), spec)["pooled_f"]
+    from mmjax.losses import symmetric_kl  # pylint: disable=g-import-not-at-top
+    np.testing.assert_allclose(metrics["forward"], np.mean(symmetric_kl(pooled, e_pre[teacher])),
+                               rtol=1e-5)
+    members = MEMBERS if teacher == "clean" else ("tf",)
+    np.testing.assert_allclose(metrics["backward"],
+                               np.mean([metrics[f"backward_{e}"] for e in members]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("overrides, match", [
+    (dict(teacher_input="noisy"), "model.teacher_input"),
+    (dict(backward_members="ae"), "model.backward_members"),
     (dict(members="ae,mmin"), "model.members"),
     (dict(members="tf,tf"), "model.members"),
     (dict(members="tf,vae"), "model.members"),

@@ -54,16 +54,20 @@ Loss (eq. 14-18) of the stage ``"main"``
 
 * ``cls``: cross-entropy of the logits (eq. 17-18).
 * ``forward`` (eq. 15): ``symmetric_kl(F, sg(E_pre))`` of the softmax-normalised pooled vectors,
-  ``E_pre`` from the frozen network on the clean copy (evaluation mode, no dropout).
+  ``E_pre`` from the frozen network (evaluation mode, no dropout) on the clean copy
+  (``teacher_input="clean"``, default) or on the missing-modality input itself
+  (``"corrupted"``: §3.2 and the authors' code; the paper preset).
 * ``backward`` (eq. 16): per member ``e``, ``backward_<e>`` = mean over valid samples and real steps
   of ``symmetric_kl(D^e_t, sg(X^full_t))``, softmax over the ``d`` features of each step;
-  ``backward`` is their mean over the members. ``X^full`` is ``X`` of the clean copy (all
+  ``backward`` is their mean over the members (``backward_members="all"``, default) or the TF
+  decoder's alone (``"tf"``: the authors' code applies it to the TF decoder; the paper preset). ``X^full`` is ``X`` of the clean copy (all
   modalities present; same encoders, evaluation mode, no gradient), so the decoders learn to
   reconstruct the dropped segments, not the zeros that replaced them.
 * ``semantic`` (our addition, ``lambda_sem``, default 1): mean cross-entropy of every view's logits
   (all members, ``L_full`` and the ``L_{-k}``). Eq. 8-9 read the views as "sentiment labels", but
   nothing in eq. 14 trains them (``L_full`` would receive no gradient at all, and the key-missing
-  check would compare untrained classifiers); ``lambda_sem = 0`` gives eq. 14 exactly.
+  check would compare untrained classifiers); ``lambda_sem = 0`` gives eq. 14 exactly (the paper
+  preset, ``experiments/configs/paper.py:emmr``).
 * Monitoring (not in the total): ``recovery_<e>`` (``backward_<e>``'s divergence over the steps of
   the missing modalities only: the reconstruction error of the dropped segments), ``key_missing``
   (fraction of valid samples flagged), ``missing`` (fraction with a missing modality).
@@ -104,6 +108,8 @@ from mmjax.nn import (
 
 MEMBERS = ("tf", "ae", "mmin")
 FUSIONS = ("attention", "max", "average")
+TEACHER_INPUTS = ("clean", "corrupted")
+BACKWARD_MEMBERS = ("all", "tf")
 
 
 # EMMR's training regime (config.train_corruption = "method"): half of the training samples lose
@@ -124,6 +130,13 @@ def default_config() -> ml_collections.ConfigDict:
       lambda_forward=0.1,
       lambda_backward=0.1,
       lambda_semantic=1.0,
+      # What the frozen teacher (eq. 3) reads in L_forward: "clean" (the clean copy, mmjax's
+      # default: the full-modality representation the paper motivates) or "corrupted" (the
+      # missing-modality input, as §3.2 and the authors' code feed it; the paper preset).
+      teacher_input="clean",
+      # Decoders L_backward trains (eq. 16): "all" (mean over the members) or "tf" (the TF
+      # decoder only, as the authors' code; the paper preset).
+      backward_members="all",
       use_forward=True,
       use_backward=True,
       pretrain_epochs=20,
@@ -404,6 +417,9 @@ def _check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
         f"model.num_residual_blocks: expected >= 1, got {config.num_residual_blocks}")
   if not isinstance(config.pretrain_epochs, int) or config.pretrain_epochs < 1:
     raise ValueError(f"model.pretrain_epochs: expected an int >= 1, got {config.pretrain_epochs!r}")
+  for field, allowed in (("teacher_input", TEACHER_INPUTS), ("backward_members", BACKWARD_MEMBERS)):
+    if config[field] not in allowed:
+      raise ValueError(f"model.{field}: expected one of {allowed}, got {config[field]!r}")
   for field in ("lambda_forward", "lambda_backward", "lambda_semantic"):
     if config[field] < 0:
       raise ValueError(f"model.{field}: must be >= 0, got {config[field]}")
@@ -486,8 +502,11 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     metrics = {"cls": task_loss(out["logits"], batch, spec)}
     total = metrics["cls"]
     if config.use_forward:
-      _, e_pre = pretrained.apply({"params": params["pretrained"]}, batch.full_features,
-                                  batch.full_step_mask, all_present(batch), train=False)
+      if config.teacher_input == "clean":
+        teacher_in = (batch.full_features, batch.full_step_mask, all_present(batch))
+      else:
+        teacher_in = (batch.features, _observed(batch, present), present)
+      _, e_pre = pretrained.apply({"params": params["pretrained"]}, *teacher_in, train=False)
       metrics["forward"] = masked_mean(
           symmetric_kl(out["pooled_f"], jax.lax.stop_gradient(e_pre)), valid)
       total = total + config.lambda_forward * metrics["forward"]
@@ -498,7 +517,8 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
       for i, e in enumerate(members):
         metrics[f"backward_{e}"] = masked_mean(divergence[i], steps)
         metrics[f"recovery_{e}"] = masked_mean(divergence[i], steps & ~present[:, main.segment])
-      metrics["backward"] = sum(metrics[f"backward_{e}"] for e in members) / len(members)
+      trained = members if config.backward_members == "all" else ("tf",)
+      metrics["backward"] = sum(metrics[f"backward_{e}"] for e in trained) / len(trained)
       total = total + config.lambda_backward * metrics["backward"]
     views = jnp.concatenate([out["full_logits"][:, :, None], out["loo_logits"]], axis=2)
     labels = jnp.broadcast_to(jnp.asarray(batch.label)[None, :, None], views.shape[:-1])
