@@ -12,6 +12,14 @@ flagged key-missing, the flagged share of the samples with a missing modality, t
 flagged and on the other samples with a missing modality, and TF's reconstruction error of the
 dropped segments (symmetric KL, mean over those samples).
 
+A second table asks whether the flag is *right*, per missing modality ``k`` (samples of every ratio
+> 0 pooled): the truth is a real disagreement on the clean copy, i.e. whether the same model's TF
+views disagree on the complete sample (``argmax L_full != argmax L_{-k}``, all modalities
+present). Columns: samples missing ``k``; flagged share; agreement of the flag with the truth;
+precision and recall of the flag; and on the flagged samples the accuracy of each branch of eq. 13
+(``backbone``: the head on ``F``; ``ensemble``: the head on the ensemble's ``r``; the model uses
+the ensemble there). At ratio 0 no sample is flagged, so the model *is* its TF backbone.
+
   python benchmarks/emmr_key_missing.py \\
       --config=experiments/configs/default.py:emmr,synthetic:classification \\
       --workdir=/tmp/emmr_syn --seeds=3 --config.num_epochs=8
@@ -59,6 +67,86 @@ def per_sample(diagnose, params, split: data_lib.Batch) -> np.ndarray:
                    np.asarray(out["recovery_error"])[0]], axis=-1).astype(np.float64)
 
 
+def clean_disagreement(out: dict[str, np.ndarray]) -> np.ndarray:
+  """``[N, M]`` bool: on the complete samples (``out`` = diagnostics of the clean split), whether
+  the TF member's ``L_full`` and ``L_{-k}`` disagree — modality ``k`` is key in the paper's sense."""
+  full, loo = np.asarray(out["full_logits"])[0], np.asarray(out["loo_logits"])[0]
+  return full.argmax(-1)[:, None] != loo.argmax(-1)
+
+
+def per_modality(out: dict[str, np.ndarray], present: np.ndarray, labels: np.ndarray,
+                 truth: np.ndarray, modalities: Sequence[str]) -> dict[str, dict[str, float]]:
+  """The second table's row per modality from one corrupted split.
+
+  Args:
+    out: :func:`mmjax.methods.emmr.diagnostics` of the corrupted split (``key_missing``,
+      ``backbone_logits``, ``ensemble_logits``, ``logits``).
+    present: ``[N, M]`` its availability; a sample counts for ``k`` when ``k`` alone is missing.
+    labels: ``[N]``.
+    truth: ``[N, M]`` :func:`clean_disagreement` of the same samples.
+  Returns:
+    ``{modality: {"n", "flagged", "agreement", "precision", "recall", "acc_backbone",
+    "acc_ensemble", "acc_model"}}`` (counts as floats; ``nan`` where a ratio has no sample).
+  """
+  flagged = np.asarray(out["key_missing"]).astype(bool)
+  right = {branch: np.asarray(out[f"{branch}logits"]).argmax(-1) == labels
+           for branch in ("backbone_", "ensemble_", "")}
+  mean_where = lambda x, where: float(x[where].mean()) if where.any() else float("nan")
+  rows = {}
+  for k, m in enumerate(modalities):
+    alone = ~present[:, k] & (present.sum(-1) == present.shape[1] - 1)
+    key = truth[:, k]
+    rows[m] = dict(n=float(alone.sum()), flagged=mean_where(flagged, alone),
+                   agreement=mean_where(flagged == key, alone),
+                   precision=mean_where(key, alone & flagged),
+                   recall=mean_where(flagged, alone & key),
+                   acc_backbone=mean_where(right["backbone_"], alone & flagged),
+                   acc_ensemble=mean_where(right["ensemble_"], alone & flagged),
+                   acc_model=mean_where(right[""], alone & flagged))
+  return rows
+
+
+MODALITY_COLUMNS = (("n", "samples missing it"), ("flagged", "flagged"),
+                    ("agreement", "flag = clean-copy disagreement"), ("precision", "precision"),
+                    ("recall", "recall"), ("acc_backbone", "accuracy flagged, backbone"),
+                    ("acc_ensemble", "accuracy flagged, ensemble"))
+
+
+def pooled_rows(diagnose, params, test: data_lib.Batch, protocol, key, modalities
+                ) -> dict[str, dict[str, float]]:
+  """:func:`per_modality` over the ``drop_one`` levels > 0 (test corrupted as in the sweep),
+  the samples of every level pooled."""
+  truth = clean_disagreement(diagnose(params, test))
+  outs, presents = [], []
+  for level in protocol.levels:
+    if level == 0:
+      continue
+    split = robustness.corrupt(test, protocol, level, key)
+    outs.append({k: np.asarray(v) for k, v in diagnose(params, split).items()
+                 if k in ("key_missing", "backbone_logits", "ensemble_logits", "logits")})
+    presents.append(np.asarray(split.present))
+  count = len(outs)
+  pooled = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  return per_modality(pooled, np.concatenate(presents), np.tile(np.asarray(test.label), count),
+                      np.tile(truth, (count, 1)), modalities)
+
+
+def modality_table(rows_per_seed: list[dict[str, dict[str, float]]]) -> str:
+  lines = ["Is the flag right? Per missing modality, samples of ratios 0.1-0.5 pooled "
+           f"(mean ± std over {len(rows_per_seed)} seeds)", "",
+           "| missing modality | " + " | ".join(title for _, title in MODALITY_COLUMNS) + " |",
+           "| --- | " + " | ".join("---:" for _ in MODALITY_COLUMNS) + " |"]
+  for m in rows_per_seed[0]:
+    cells = []
+    for k, _ in MODALITY_COLUMNS:
+      values = np.array([rows[m][k] for rows in rows_per_seed])
+      values = values[~np.isnan(values)]
+      cells.append("–" if not values.size else
+                   (f"{values.mean():.0f}" if k == "n" else f"{values.mean():.3f} ± {values.std():.3f}"))
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def fractions(rows: np.ndarray, labels: np.ndarray, scoring: str) -> dict[str, float]:
   """The table's columns from :func:`per_sample` rows (``metrics_fn`` of ``robustness.sweep``)."""
   del labels, scoring
@@ -97,17 +185,21 @@ def main(argv: Sequence[str]) -> None:
   spec = methods.TaskSpec.from_dataset(dataset)
   protocol = robustness.protocols(dataset.modalities)["drop_one"]
   diagnose = jax.jit(functools.partial(emmr.diagnostics, config=config.model, spec=spec))
-  runs = []
+  runs, modality_rows = [], []
   for seed in range(_SEEDS.value):
     config.seed = seed
     workdir = os.path.join(_WORKDIR.value, "emmr", f"seed{seed}")
     _, _, result = experiment.train(config, workdir, resume=True, dataset=dataset,
                                     log=lambda line, s=seed: print(f"[emmr s{s}] {line}"))
     predict_fn = functools.partial(per_sample, diagnose, result.state.params)
+    key = jax.random.PRNGKey(1000 + seed)
     runs.append(robustness.sweep(predict_fn, dataset.splits["test"], dataset.scoring, [protocol],
-                                 jax.random.PRNGKey(1000 + seed), fractions))
+                                 key, fractions))
+    modality_rows.append(pooled_rows(diagnose, result.state.params, dataset.splits["test"],
+                                     protocol, key, dataset.modalities))
   summary = robustness.aggregate(runs)["drop_one"]
-  table = markdown_table(dataset.name, summary, _SEEDS.value)
+  table = (markdown_table(dataset.name, summary, _SEEDS.value) + "\n"
+           + modality_table(modality_rows))
   print(table)
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:

@@ -133,6 +133,11 @@ def test_split_variants():
       "samlml", "samlml:use_noise=False,use_de=False", "euar"]
   config = variant_config(get_config("samlml"), "samlml:supervise_intra=False,rho=3")
   assert (config.model.supervise_intra, config.model.rho, config.model.hidden) == (False, 3, 120)
+  # A member list inside a comma-separated --methods list: "+" separates the members.
+  assert split_variants("emmr:members=tf+ae,emmr:fusion=max") == ["emmr:members=tf+ae",
+                                                                   "emmr:fusion=max"]
+  from mmjax.methods.emmr import parse_members  # pylint: disable=g-import-not-at-top
+  assert parse_members("tf+ae") == parse_members("tf,ae") == ("tf", "ae")
 
 
 @pytest.mark.parametrize("method,batch_size,learning_rate,num_epochs", [

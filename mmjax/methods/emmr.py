@@ -144,8 +144,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def parse_members(members: str) -> tuple[str, ...]:
-  """``"tf,ae,mmin"`` -> ``("tf", "ae", "mmin")`` (order kept); ``ValueError`` naming the field."""
-  names = tuple(m.strip() for m in members.split(",") if m.strip())
+  """``"tf,ae,mmin"`` (or ``"tf+ae+mmin"``, which a comma-separated ``--methods`` list can hold) ->
+  ``("tf", "ae", "mmin")`` (order kept); ``ValueError`` naming the field."""
+  names = tuple(m.strip() for m in members.replace("+", ",").split(",") if m.strip())
   unknown = sorted(set(names) - set(MEMBERS))
   if unknown or "tf" not in names or len(set(names)) != len(names):
     raise ValueError(f"model.members: expected distinct names from {MEMBERS} including 'tf' (the "
