@@ -179,16 +179,16 @@ def test_stage_layout_and_ablation_without_forward(method, spec, init_params):
 def test_decoders_reduce_reconstruction_error_over_training(trained):
   """``recovery_<e>``: the divergence on the dropped segments; ``backward_<e>``: on every step.
 
-  Only TF can reconstruct a dropped segment from the other modalities: its error there falls.
-  AE and MMIN act per step and see the zero segment (+ position embedding) only (docs/emmr.md,
-  "Decisions"): AE learns the identity on the present segments, so its whole-sequence error falls;
-  MMIN's residual cascade is near the identity from the start (``D = X + small residuals``), its
-  error is the dropped-segment floor throughout and is not asserted on.
+  Every member's error on the dropped segments falls: TF attends to the other modalities, AE and
+  MMIN reconstruct the utterance vectors across modalities (whether they beat a constant imputer
+  is :func:`test_members_reconstruct_from_the_other_modalities`).
   """
   main = [r for r in trained.history if r["stage"] == "main"]
   first, last = main[0], main[-1]
-  assert last["train/recovery_tf"] < 0.6 * first["train/recovery_tf"], (first, last)
-  assert last["train/backward_ae"] < 0.6 * first["train/backward_ae"], (first, last)
+  # Measured: TF and AE fall to ~0.6x of epoch 1, MMIN (near the identity at init) to ~0.77x.
+  for member, factor in (("tf", 0.6), ("ae", 0.7), ("mmin", 0.85)):
+    key = f"train/recovery_{member}"
+    assert last[key] < factor * first[key], (member, first[key], last[key])
 
 
 def test_diagnostics_recovery_error(trained, diagnose, corrupted):
@@ -398,20 +398,58 @@ def test_autoencoder_widths_are_the_papers():
   assert code.shape == (2, 64) and decoded.shape == (2, 300)
 
 
+def _utterances(out, params, batch):
+  """``[u_1 || ... || u_M]``: per modality the mean of ``X - P`` over its observed steps."""
+  segment = np.repeat(np.arange(3), 4)
+  present = np.asarray(batch.present)
+  observed = np.concatenate([np.asarray(batch.step_mask[m]) for m in MODALITIES], 1) & present[
+      :, segment]
+  content = out["x"] - np.asarray(params["position"], np.float64)
+  rows = [(content * (observed & (segment == k))[..., None]).sum(1)
+          / np.maximum((observed & (segment == k)).sum(1), 1)[:, None] for k in range(3)]
+  return np.concatenate(rows, -1), segment
+
+
 def test_ae_and_mmin_decoders_follow_eq_5_and_6(trained, diagnose, corrupted):
-  """The members' decoder outputs recomputed in NumPy from ``X`` and the trained parameters: AE
-  ``D = h_7`` (eq. 5); MMIN ``D = X + sum_i X'_i``, block ``i`` reading ``X + sum_{j<i} X'_j``."""
+  """The members' decoder outputs recomputed in NumPy from ``X`` and the trained parameters, across
+  the modalities: ``u = [u_1 || u_2 || u_3]``; AE ``û = h_7(u)`` (eq. 5), MMIN ``û = u + sum_i u'_i``
+  (block ``i`` reading ``u + sum_{j<i} u'_j``, eq. 6); step ``t`` of modality ``m`` decodes to
+  ``û_m + P_t + R^e_t``."""
   out = jax.tree.map(lambda a: np.asarray(a, np.float64), diagnose(trained.state.params,
                                                                    corrupted))
   params = trained.state.params["emmr"]
-  x = out["x"]
-  _, ae = _numpy_autoencoder(params["encoder_decoders_ae"], x)
-  np.testing.assert_allclose(out["decoded"][1], ae, rtol=1e-4, atol=1e-4)
-  h = x
+  u, segment = _utterances(out, params, corrupted)
+  to_steps = lambda flat, e: (flat.reshape(len(u), 3, -1)[:, segment]
+                              + np.asarray(params["position"], np.float64)
+                              + np.asarray(params[f"step_profile_{e}"], np.float64))
+  _, ae = _numpy_autoencoder(params["encoder_decoders_ae"], u)
+  np.testing.assert_allclose(out["decoded"][1], to_steps(ae, "ae"), rtol=1e-4, atol=1e-4)
+  h = u
   for i in range(SMALL["num_residual_blocks"]):
     block = jax.tree.map(lambda a, i=i: a[i], params["encoder_decoders_mmin"]["blocks"])
     h = h + _numpy_autoencoder(block, h)[1]
-  np.testing.assert_allclose(out["decoded"][2], h, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["decoded"][2], to_steps(h, "mmin"), rtol=1e-4, atol=1e-4)
+
+
+def test_members_reconstruct_from_the_other_modalities(trained, diagnose, corrupted, dataset):
+  """A dropped segment's reconstruction by AE and MMIN varies from sample to sample (it is read
+  from the other modalities) and is closer to the clean copy than the best constant imputer, the
+  train split's per-step mean of ``X^full`` (symmetric KL of eq. 16, mean over dropped steps)."""
+  params = trained.state.params
+  out = jax.tree.map(lambda a: np.asarray(a, np.float64), diagnose(params, corrupted))
+  train_full = np.asarray(diagnose(params, dataset.splits["train"])["x_full"], np.float64)
+  constant = np.broadcast_to(train_full.mean(0), out["x_full"].shape)
+  dropped = ~np.asarray(corrupted.present)[:, np.repeat(np.arange(3), 4)]  # [B, T]
+  log_q = np.log(_softmax(out["x_full"]))
+  error = lambda d: float((0.5 * np.sum((_softmax(d) - np.exp(log_q))
+                                        * (np.log(_softmax(d)) - log_q), -1))[dropped].mean())
+  for i, member in enumerate(MEMBERS):
+    if member == "tf":
+      continue
+    spread = out["decoded"][i][dropped].reshape(-1, 8)  # every dropped step, d = 8
+    assert spread.std(0).mean() > 1e-2, member
+    assert error(out["decoded"][i]) < error(constant), (member, error(out["decoded"][i]),
+                                                        error(constant))
 
 
 def test_apply_stacked_equals_separate_modules():

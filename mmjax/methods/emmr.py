@@ -20,14 +20,18 @@ Model
 * **Encoder-decoders** (eq. 4-7) on ``X``: TF (:class:`~mmjax.nn.TransformerEncoderDecoder`; encoder
   keys = observed steps, decoder keys = all real steps; every query is encoded, so the steps of a
   missing modality are filled from the others), AE (:class:`~mmjax.nn.MLPAutoencoder`, widths
-  ``[d, *ae_hidden, ..., d]``) and MMIN (:class:`~mmjax.nn.CascadeResidualAutoencoder`,
+  ``[M d, M d, *ae_hidden, ..., M d]``) and MMIN (:class:`~mmjax.nn.CascadeResidualAutoencoder`,
   ``num_residual_blocks`` blocks). TF is the backbone: ``F`` = masked mean of its encoder output
-  over the real steps ``[B, d]``. The encoder outputs of AE and MMIN are not used by EMMR (eq. 13
-  and eq. 15 use the backbone's ``F`` only; the MMIN ``code`` layer gets no gradient). AE and MMIN act
-  on every step alone (eq. 5-6 on the time-concatenated ``X``): for a missing segment they see
-  ``0 + P_t`` only, so they cannot carry information across modalities — only TF can; their
-  reconstructions are a learned per-step value (as in the authors' code, where the zero segment
-  reaches the per-step autoencoders as a constant).
+  over the real steps ``[B, d]``. AE and MMIN work across the modalities, as MMIN's own paper
+  (Zhao et al. 2021) does: their input is ``[u_1 || ... || u_M]`` ``[B, M d]``, ``u_m`` the mean
+  of ``E_m`` over its observed steps (0 for a missing modality; :meth:`EMMRNetwork.
+  utterance_vectors`), their output its reconstruction, and their decoded step ``t`` of modality
+  ``m`` is ``û_m + P_t + R^e_t`` (``R^e [T, d]`` a learned per-step profile of member ``e``,
+  initialised 0: the time course an utterance vector cannot carry). So a dropped modality is filled from the others, sample by sample
+  (per-step members that read the dropped segment's ``0 + P_t`` alone can only emit a constant
+  per position: before issue 14 their reconstruction had spread 0.0 across samples). The encoder
+  outputs of AE and MMIN are not used by EMMR (eq. 13 and eq. 15 use the backbone's ``F`` only;
+  the MMIN ``code`` layer gets no gradient).
 * **Recovered input** (§3.6): ``I^e = X`` with every missing modality's segment replaced by member
   ``e``'s decoder output. **Views** (eq. 8-9): ``L_full = FC(pool(MHA(I)))`` and, for every modality
   ``k``, ``L_{-k} = FC(pool(MHA(I without k)))`` — the leave-one-out subsets, which are the paper's
@@ -307,6 +311,10 @@ class EMMRNetwork(nn.Module):
                                                    tuple(self.ae_hidden)),
     }
     self.encoder_decoders = {e: builders[e]() for e in self.members}
+    # Per-step profiles R^e [T, d] of the utterance-level members (decoded step = û_m + P_t + R^e_t).
+    self.step_profiles = {e: self.param(f"step_profile_{e}", nn.initializers.zeros,
+                                        (sum(self.seq_lens), self.hidden))
+                          for e in self.members if e != "tf"}
     # M + 1 views, stacked: view 0 = all modalities (L_full, eq. 8), view 1 + k = without k (eq. 9).
     self.views = ViewClassifier(self.num_classes, self.num_heads, self.mlp_dim, self.dropout)
     self.ensemble_w = nn.Dense(1, use_bias=False)  # w of eq. 12
@@ -338,11 +346,14 @@ class EMMRNetwork(nn.Module):
     observed = real & ~missing_steps
 
     decoded, f_seq = [], None
+    if set(self.members) - {"tf"}:
+      utterances = self.utterance_vectors(x, observed)  # [B, M, d], missing rows 0
     for e in self.members:
       if e == "tf":
         f_seq, d = self.encoder_decoders[e](x, observed, real, deterministic=deterministic)
-      else:
-        _, d = self.encoder_decoders[e](x)
+      else:  # eq. 5-6 across the modalities: [u_1 || ... || u_M] -> its reconstruction
+        _, flat = self.encoder_decoders[e](utterances.reshape(utterances.shape[0], -1))
+        d = flat.reshape(utterances.shape)[:, segment] + self.position + self.step_profiles[e]
       decoded.append(d)
     decoded = jnp.stack(decoded)  # [K, B, T, d]
     recovered = jnp.where(missing_steps[None, ..., None], decoded, x[None])  # §3.6: I^e
@@ -374,6 +385,15 @@ class EMMRNetwork(nn.Module):
         key_missing=key_missing, decoded=decoded, pooled_f=pooled_f, full_logits=full_logits,
         loo_logits=loo_logits, alpha=alpha, e_key=e_key, r=r)
     return out
+
+  def utterance_vectors(self, x: jax.Array, observed: jax.Array) -> jax.Array:
+    """``u [B, M, d]``: per modality the mean of ``E_m = X - P`` over its observed steps (0 for a
+    missing modality) — the utterance-level input of the AE and MMIN members."""
+    content = x - self.position
+    rows = np.arange(len(self.modalities))[:, None] == self.segment[None]  # [M, T]
+    weights = (observed[:, None, :] & rows[None]).astype(x.dtype)  # [B, M, T]
+    return jnp.einsum("bmt,btd->bmd", weights, content) / jnp.maximum(
+        weights.sum(-1, keepdims=True), 1.0)
 
   def __call__(self, features: dict[str, jax.Array], masks: dict[str, jax.Array],
                present: jax.Array, *, train: bool) -> dict[str, jax.Array]:
