@@ -71,45 +71,6 @@ def per_sample(diagnose, params, split: data_lib.Batch) -> np.ndarray:
                    np.asarray(out["recovery_error"])[0]], axis=-1).astype(np.float64)
 
 
-def clean_disagreement(out: dict[str, np.ndarray]) -> np.ndarray:
-  """``[N, M]`` bool: on the complete samples (``out`` = diagnostics of the clean split), whether
-  the TF member's ``L_full`` and ``L_{-k}`` disagree — modality ``k`` is key in the paper's sense."""
-  full, loo = np.asarray(out["full_logits"])[0], np.asarray(out["loo_logits"])[0]
-  return full.argmax(-1)[:, None] != loo.argmax(-1)
-
-
-def per_modality(out: dict[str, np.ndarray], present: np.ndarray, labels: np.ndarray,
-                 truth: np.ndarray, modalities: Sequence[str]) -> dict[str, dict[str, float]]:
-  """The second table's row per modality from one corrupted split.
-
-  Args:
-    out: :func:`mmjax.methods.emmr.diagnostics` of the corrupted split (``key_missing``,
-      ``backbone_logits``, ``ensemble_logits``, ``logits``).
-    present: ``[N, M]`` its availability; a sample counts for ``k`` when ``k`` alone is missing.
-    labels: ``[N]``.
-    truth: ``[N, M]`` :func:`clean_disagreement` of the same samples.
-  Returns:
-    ``{modality: {"n", "flagged", "agreement", "precision", "recall", "acc_backbone",
-    "acc_ensemble", "acc_model"}}`` (counts as floats; ``nan`` where a ratio has no sample).
-  """
-  flagged = np.asarray(out["key_missing"]).astype(bool)
-  right = {branch: np.asarray(out[f"{branch}logits"]).argmax(-1) == labels
-           for branch in ("backbone_", "ensemble_", "")}
-  mean_where = lambda x, where: float(x[where].mean()) if where.any() else float("nan")
-  rows = {}
-  for k, m in enumerate(modalities):
-    alone = ~present[:, k] & (present.sum(-1) == present.shape[1] - 1)
-    key = truth[:, k]
-    rows[m] = dict(n=float(alone.sum()), flagged=mean_where(flagged, alone),
-                   agreement=mean_where(flagged == key, alone),
-                   precision=mean_where(key, alone & flagged),
-                   recall=mean_where(flagged, alone & key),
-                   acc_backbone=mean_where(right["backbone_"], alone & flagged),
-                   acc_ensemble=mean_where(right["ensemble_"], alone & flagged),
-                   acc_model=mean_where(right[""], alone & flagged))
-  return rows
-
-
 MODALITY_COLUMNS = (("n", "samples missing it"), ("flagged", "flagged"),
                     ("agreement", "flag = clean-copy disagreement"), ("precision", "precision"),
                     ("recall", "recall"), ("acc_backbone", "accuracy flagged, backbone"),
@@ -118,9 +79,9 @@ MODALITY_COLUMNS = (("n", "samples missing it"), ("flagged", "flagged"),
 
 def pooled_rows(diagnose, params, test: data_lib.Batch, protocol, key, modalities
                 ) -> dict[str, dict[str, float]]:
-  """:func:`per_modality` over the ``drop_one`` levels > 0 (test corrupted as in the sweep),
+  """:func:`mmjax.methods.emmr.key_missing_by_modality` over the ``drop_one`` levels > 0 (test corrupted as in the sweep),
   the samples of every level pooled."""
-  truth = clean_disagreement(diagnose(params, test))
+  truth = emmr.clean_disagreement(diagnose(params, test))
   outs, presents = [], []
   for level in protocol.levels:
     if level == 0:
@@ -131,7 +92,7 @@ def pooled_rows(diagnose, params, test: data_lib.Batch, protocol, key, modalitie
     presents.append(np.asarray(split.present))
   count = len(outs)
   pooled = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-  return per_modality(pooled, np.concatenate(presents), np.tile(np.asarray(test.label), count),
+  return emmr.key_missing_by_modality(pooled, np.concatenate(presents), np.tile(np.asarray(test.label), count),
                       np.tile(truth, (count, 1)), modalities)
 
 

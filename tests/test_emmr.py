@@ -339,21 +339,20 @@ def test_paper_literal_teacher_and_backward(method, spec, trained, corrupted):
 
 
 def test_key_missing_report_by_hand():
-  """``benchmarks/emmr_key_missing.py``'s per-modality table on a hand-built case: 2 modalities,
+  """The per-modality key-missing report (``benchmarks/emmr_key_missing.py``) on a hand-built case: 2 modalities,
   2 classes, 6 samples."""
-  from benchmarks import emmr_key_missing as report  # pylint: disable=g-import-not-at-top
   onehot = lambda *c: np.eye(2)[list(c)]
   # Clean copy: TF's L_full, L_{-a}, L_{-b}; a is key for samples 0, 1, 3, b for sample 4.
   clean = {"full_logits": onehot(0, 0, 0, 1, 1, 1)[None],
            "loo_logits": np.stack([onehot(1, 1, 0, 0, 1, 1), onehot(0, 0, 0, 1, 0, 1)], 1)[None]}
-  truth = report.clean_disagreement(clean)
+  truth = emmr.clean_disagreement(clean)
   np.testing.assert_array_equal(truth[:, 0], [1, 1, 0, 1, 0, 0])
   present = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [1, 0], [1, 1]], bool)
   labels = np.array([0, 1, 0, 1, 1, 0])
   out = {"key_missing": np.array([1, 0, 1, 1, 1, 0], bool),
          "backbone_logits": onehot(1, 1, 0, 1, 0, 0), "ensemble_logits": onehot(0, 1, 1, 1, 1, 0),
          "logits": onehot(0, 1, 1, 1, 1, 0)}
-  rows = report.per_modality(out, present, labels, truth, ("a", "b"))
+  rows = emmr.key_missing_by_modality(out, present, labels, truth, ("a", "b"))
   # Missing a: samples 0-2, flags (1, 0, 1) vs truth (1, 1, 0).
   assert rows["a"] == pytest.approx(dict(n=3, flagged=2 / 3, agreement=1 / 3, precision=1 / 2,
                                          recall=1 / 2, acc_backbone=1 / 2, acc_ensemble=1 / 2,

@@ -94,6 +94,7 @@ batch 32, 20 epochs, Adam lr 1e-3 are in ``experiments/configs/paper.py``. Class
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -591,3 +592,46 @@ def diagnostics(params, batch: Batch, config: ml_collections.ConfigDict, spec: T
       symmetric_kl(out["decoded"], jnp.broadcast_to(x_full, out["decoded"].shape)), dropped[None],
       axis=-1)
   return out
+
+
+def clean_disagreement(out: dict[str, np.ndarray]) -> np.ndarray:
+  """``[N, M]`` bool: on the complete samples (``out`` = diagnostics of the clean split), whether
+  the TF member's ``L_full`` and ``L_{-k}`` disagree — modality ``k`` is key in the paper's sense."""
+  full, loo = np.asarray(out["full_logits"])[0], np.asarray(out["loo_logits"])[0]
+  return full.argmax(-1)[:, None] != loo.argmax(-1)
+
+
+def key_missing_by_modality(out: dict[str, np.ndarray], present: np.ndarray, labels: np.ndarray,
+                 truth: np.ndarray, modalities: Sequence[str]) -> dict[str, dict[str, float]]:
+  """Is the key-missing flag right? One row per modality ``k`` from one corrupted split
+  (``benchmarks/emmr_key_missing.py``): samples missing ``k`` alone, the flagged share, agreement of
+  the flag with :func:`clean_disagreement`, its precision and recall, and on the flagged samples
+  the accuracy of each branch of eq. 13 and of the model.
+
+  Args:
+    out: :func:`mmjax.methods.emmr.diagnostics` of the corrupted split (``key_missing``,
+      ``backbone_logits``, ``ensemble_logits``, ``logits``).
+    present: ``[N, M]`` its availability; a sample counts for ``k`` when ``k`` alone is missing.
+    labels: ``[N]``.
+    truth: ``[N, M]`` :func:`clean_disagreement` of the same samples.
+    modalities: the ``M`` names.
+  Returns:
+    ``{modality: {"n", "flagged", "agreement", "precision", "recall", "acc_backbone",
+    "acc_ensemble", "acc_model"}}`` (counts as floats; ``nan`` where a ratio has no sample).
+  """
+  flagged = np.asarray(out["key_missing"]).astype(bool)
+  right = {branch: np.asarray(out[f"{branch}logits"]).argmax(-1) == labels
+           for branch in ("backbone_", "ensemble_", "")}
+  mean_where = lambda x, where: float(x[where].mean()) if where.any() else float("nan")
+  rows = {}
+  for k, m in enumerate(modalities):
+    alone = ~present[:, k] & (present.sum(-1) == present.shape[1] - 1)
+    key = truth[:, k]
+    rows[m] = dict(n=float(alone.sum()), flagged=mean_where(flagged, alone),
+                   agreement=mean_where(flagged == key, alone),
+                   precision=mean_where(key, alone & flagged),
+                   recall=mean_where(flagged, alone & key),
+                   acc_backbone=mean_where(right["backbone_"], alone & flagged),
+                   acc_ensemble=mean_where(right["ensemble_"], alone & flagged),
+                   acc_model=mean_where(right[""], alone & flagged))
+  return rows
