@@ -9,7 +9,8 @@ of eq. 14 with the pre-trained network frozen: its leaves masked out of the opti
 evaluation step (``method.predict``), like ``bench_train_step.py``: "first call" = trace + compile
 + one run, "ms/step" = median of ``--repeats`` calls after ``--warmup`` warm-up calls, each blocked
 on; the train step is fed the state it returned. "params": EMMR's parameters (``params["emmr"]``,
-trained in stage 2) and the frozen full-modality network's (``params["pretrained"]``).
+trained in stage 2) and the frozen full-modality network's (``params["pretrained"]``). "GFLOP":
+XLA's count for one compiled step (:func:`bench_train_step.step_cost`; stable on a noisy machine).
 
   python benchmarks/bench_emmr.py                          # B = 32, d = 64
   python benchmarks/bench_emmr.py --hidden=300 --repeats=3 --warmup=1 --output=/tmp/emmr_perf.md
@@ -76,19 +77,23 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
   _, eval_first, eval_s = shared.time_calls(
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
+  train_gflop, _ = shared.step_cost(train_step, state, batch)
+  eval_gflop, _ = shared.step_cost(eval_step, state, batch)
   return dict(case=case.upper(), hidden=hidden, params=count(state.params["emmr"]),
+              train_gflop=train_gflop, eval_gflop=eval_gflop,
               pretrained_params=count(state.params["pretrained"]), train_first_s=train_first,
               train_step_s=train_s, eval_first_s=eval_first, eval_step_s=eval_s)
 
 
 def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], batch_size: int,
                    warmup: int, repeats: int, load: tuple[float, float]) -> str:
-  lines = ["| ensemble | d | params (EMMR) | params (pre-trained, frozen) | train first call s "
-           "| train ms/step | eval first call s | eval ms/step |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = ["| ensemble | d | params (EMMR) | params (pre-trained, frozen) | train GFLOP "
+           "| train first call s | train ms/step | eval GFLOP | eval first call s | eval ms/step |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in results:
     lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['pretrained_params']:,} "
-                 f"| {r['train_first_s']:.2f} | {1e3 * r['train_step_s']:.1f} "
+                 f"| {r['train_gflop']:.2f} | {r['train_first_s']:.2f} "
+                 f"| {1e3 * r['train_step_s']:.1f} | {r['eval_gflop']:.2f} "
                  f"| {r['eval_first_s']:.2f} | {1e3 * r['eval_step_s']:.1f} |")
   lines += ["", shared.step_table_footer(batch_size, "3 classes; stage-2 train step", warmup,
                                          repeats, machine, load)]

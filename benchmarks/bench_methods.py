@@ -55,13 +55,6 @@ def parse_case(case: str) -> tuple[str, dict[str, Any]]:
     raise app.UsageError(str(e)) from None
 
 
-def step_cost(step, *args) -> tuple[float, float]:
-  """``(GFLOP, GB accessed)`` of one call of the jitted ``step`` by XLA's cost analysis."""
-  cost = step.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
-
-
 def time_method(case: str, batch_size: int, warmup: int, repeats: int,
                 corrupt: bool = False) -> dict[str, Any]:
   """Builds the method of ``case`` (see :func:`parse_case`) and times its train and eval steps."""
@@ -86,8 +79,8 @@ def time_method(case: str, batch_size: int, warmup: int, repeats: int,
   _, eval_first, eval_s = shared.time_calls(  # pylint: disable=protected-access
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
   # After the timing, so that "first call" still includes the compilation.
-  train_gflop, train_gb = step_cost(train_step, state, batch)
-  eval_gflop, _ = step_cost(eval_step, state, batch)
+  train_gflop, train_gb = shared.step_cost(train_step, state, batch)
+  eval_gflop, _ = shared.step_cost(eval_step, state, batch)
   return dict(case=case + (" (corrupted)" if corrupt else ""), hidden=config.model.get("hidden"),
               params=params, train_gflop=train_gflop, train_gb=train_gb, eval_gflop=eval_gflop,
               train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,

@@ -98,6 +98,13 @@ def make_dataset(batch_size: int, seed: int = 0):
   return data.Dataset("bench", "regression", None, {s: batch for s in data.SPLITS})
 
 
+def step_cost(step, *args) -> tuple[float, float]:
+  """``(GFLOP, GB accessed)`` of one call of the jitted ``step`` by XLA's cost analysis."""
+  cost = step.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
+
+
 def time_calls(step, state, batch, *, advance: bool, warmup: int, repeats: int):
   """Calls ``step(state, batch)`` ``1 + warmup + repeats`` times, each blocked on.
 
