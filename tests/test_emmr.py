@@ -451,6 +451,25 @@ def test_members_reconstruct_from_the_other_modalities(trained, diagnose, corrup
                                                         error(constant))
 
 
+def test_leave_one_out_views_on_gathered_steps_equal_masking(trained, spec, diagnose, corrupted):
+  """``L_{-k}`` runs on the gathered steps of the other modalities; the same views on the full
+  sequence with ``k``'s steps masked out of the keys and the pooling give the same logits."""
+  params = trained.state.params["emmr"]
+  _, main = emmr.make_models(_config(), spec)
+  out = diagnose(trained.state.params, corrupted)
+  segment = np.repeat(np.arange(3), 4)
+  missing = ~np.asarray(corrupted.present)[:, segment]
+  recovered = np.where(missing[None, ..., None], np.asarray(out["decoded"]),
+                       np.asarray(out["x"])[None])  # [K, B, T, d]
+  flat = recovered.reshape((-1,) + recovered.shape[2:])
+  masks = np.stack([np.ones(flat.shape[:2], bool) & (segment != k) for k in range(3)])
+  masked = main.apply({"params": params}, jnp.asarray(flat), jnp.asarray(masks), method=(
+      lambda mdl, x, m: apply_stacked(mdl.loo_views, 3, jnp.broadcast_to(x, (3,) + x.shape), m,
+                                      deterministic=True)))
+  expected = np.asarray(masked).reshape(3, len(MEMBERS), -1, 3).transpose(1, 2, 0, 3)
+  np.testing.assert_allclose(np.asarray(out["loo_logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_apply_stacked_equals_separate_modules():
   class Stack(nn.Module):
     @nn.compact

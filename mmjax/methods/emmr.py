@@ -36,8 +36,9 @@ Model
   ``e``'s decoder output. **Views** (eq. 8-9): ``L_full = FC(pool(MHA(I)))`` and, for every modality
   ``k``, ``L_{-k} = FC(pool(MHA(I without k)))`` — the leave-one-out subsets, which are the paper's
   pairs va / vt / at for ``M = 3``. Each view has its own Transformer block (MHA + MLP) and
-  classifier, shared by the members; "without k" masks ``k``'s steps out of the keys and the
-  pooling, which equals running on the concatenation of the other segments.
+  classifier, shared by the members; "without k" runs on the concatenation of the other segments
+  (gathered, :meth:`EMMRNetwork.loo_steps`; before issue 14 it masked ``k``'s steps out of a
+  full-length pass, the same outputs for ``T_k / T`` more tokens).
 * **Key-missing check** (§3.6, eq. 13): on the TF member (the backbone, Fig. 3b), sample ``b`` is
   flagged when some missing modality ``k`` has ``argmax L_full != argmax L_{-k}``. With one missing
   modality this is the paper's rule ``L_vat != L_{{v,a,t} - {k}}``; samples with no missing
@@ -316,8 +317,10 @@ class EMMRNetwork(nn.Module):
     self.step_profiles = {e: self.param(f"step_profile_{e}", nn.initializers.zeros,
                                         (sum(self.seq_lens), self.hidden))
                           for e in self.members if e != "tf"}
-    # M + 1 views, stacked: view 0 = all modalities (L_full, eq. 8), view 1 + k = without k (eq. 9).
-    self.views = ViewClassifier(self.num_classes, self.num_heads, self.mlp_dim, self.dropout)
+    # L_full (eq. 8) on all steps; the M leave-one-out views L_{-k} (eq. 9), stacked, each on the
+    # steps of the other modalities only (gathered, see loo_steps).
+    self.full_view = ViewClassifier(self.num_classes, self.num_heads, self.mlp_dim, self.dropout)
+    self.loo_views = ViewClassifier(self.num_classes, self.num_heads, self.mlp_dim, self.dropout)
     self.ensemble_w = nn.Dense(1, use_bias=False)  # w of eq. 12
     self.key_proj = nn.Dense(self.hidden)  # r [M*C] -> d
     self.backbone_proj = nn.Dense(self.hidden)  # F [d] -> d
@@ -360,15 +363,14 @@ class EMMRNetwork(nn.Module):
     recovered = jnp.where(missing_steps[None, ..., None], decoded, x[None])  # §3.6: I^e
     k_members, b = decoded.shape[:2]
     flat = recovered.reshape((k_members * b,) + recovered.shape[2:])
-    keep = np.concatenate([np.ones((1, len(segment)), bool),
-                           segment[None] != np.arange(num_mod)[:, None]])  # [V, T]
-    masks = jnp.tile(real, (k_members, 1))[None] & keep[:, None]  # [V, K*B, T]
-    view_logits = apply_stacked(self.views, num_mod + 1,
-                                jnp.broadcast_to(flat, (num_mod + 1,) + flat.shape), masks,
-                                deterministic=deterministic)
-    view_logits = view_logits.reshape(num_mod + 1, k_members, b, self.num_classes)
-    full_logits = view_logits[0]  # [K, B, C]
-    loo_logits = view_logits[1:].transpose(1, 2, 0, 3)  # [K, B, M, C]
+    flat_real = jnp.tile(real, (k_members, 1))  # [K*B, T]
+    full_logits = self.full_view(flat, flat_real, deterministic=deterministic)
+    index, kept = self.loo_steps()  # [M, L]
+    loo_logits = apply_stacked(self.loo_views, num_mod, jnp.moveaxis(flat[:, index], 1, 0),
+                               jnp.moveaxis(flat_real[:, index], 1, 0) & kept[:, None],
+                               deterministic=deterministic)  # [M, K*B, C]
+    full_logits = full_logits.reshape(k_members, b, self.num_classes)  # [K, B, C]
+    loo_logits = loo_logits.reshape(num_mod, k_members, b, self.num_classes).transpose(1, 2, 0, 3)
 
     alpha, e_key = key_representation(loo_logits)  # [K, B, M], [K, B, M*C]
     scores = self.ensemble_w(jnp.tanh(e_key))[..., 0] if self.fusion == "attention" else None
@@ -386,6 +388,20 @@ class EMMRNetwork(nn.Module):
         key_missing=key_missing, decoded=decoded, pooled_f=pooled_f, full_logits=full_logits,
         loo_logits=loo_logits, alpha=alpha, e_key=e_key, r=r)
     return out
+
+  def loo_steps(self) -> tuple[np.ndarray, np.ndarray]:
+    """``index [M, L]``, ``kept [M, L]``: row ``k`` lists the steps of every modality but ``k``
+    (``L = T - min_k T_k``; shorter rows padded with step 0, ``kept`` False). The view ``L_{-k}``
+    runs on those steps only: the same as masking ``k``'s steps out of the keys and the pooling of
+    a full-length pass (tested), with ``(T - T_k) / T`` of its tokens."""
+    segment = self.segment
+    rows = [np.flatnonzero(segment != k) for k in range(len(self.modalities))]
+    length = max(len(r) for r in rows)
+    index = np.zeros((len(rows), length), np.int32)
+    kept = np.zeros((len(rows), length), bool)
+    for k, r in enumerate(rows):
+      index[k, :len(r)], kept[k, :len(r)] = r, True
+    return index, kept
 
   def utterance_vectors(self, x: jax.Array, observed: jax.Array) -> jax.Array:
     """``u [B, M, d]``: per modality the mean of ``E_m = X - P`` over its observed steps (0 for a
