@@ -292,9 +292,14 @@ class SAMLMLModel(nn.Module):
     out = {}
     for i, (m, net) in enumerate(zip(self.modalities, self.unimodal)):
       x, mask = features[m], masks[m]
-      noise = jax.vmap(lambda k, s=x.shape[1:]: jax.random.normal(k, s, x.dtype))(fold(keys, 2 * i))
-      noise = noise * mask[..., None].astype(x.dtype)
-      units = net(jnp.where(present[:, i, None, None], x, noise), mask, train=train)
+
+      def with_noise(x=x, mask=mask, i=i):
+        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(fold(keys, 2 * i))
+        return jnp.where(present[:, i, None, None], x, noise * mask[..., None].astype(x.dtype))
+
+      # A batch in which every sample has modality i draws no noise for it (same values).
+      x = jax.lax.cond(jnp.all(present[:, i]), lambda x=x: x, with_noise)
+      units = net(x, mask, train=train)
       if self.representation_noise:
         units = noisy_representation(fold(keys, 2 * i + 1), units, self.representation_noise,
                                      self.representation_noise_type, laplace)
