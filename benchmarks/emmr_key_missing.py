@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from mmjax import data as data_lib
 from mmjax import experiment, methods, robustness
+from mmjax.losses import symmetric_kl
 from mmjax.methods import emmr
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -114,15 +115,8 @@ def reconstruction_row(diagnose, params, train: data_lib.Batch, test: data_lib.B
     decoded = {e: np.asarray(out["decoded"][i], np.float64) for i, e in enumerate(members)}
     decoded["constant"] = np.broadcast_to(constant, target.shape)
     for e, d in decoded.items():
-      errors[e].append(symmetric_kl_np(d, target)[dropped])
+      errors[e].append(np.asarray(symmetric_kl(d, target))[dropped])
   return {e: float(np.concatenate(v).mean()) for e, v in errors.items()}
-
-
-def symmetric_kl_np(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-  """½ (KL(p‖q) + KL(q‖p)) of the softmaxes over the last axis (NumPy)."""
-  log_p = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
-  log_q = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
-  return 0.5 * np.sum((np.exp(log_p) - np.exp(log_q)) * (log_p - log_q), axis=-1)
 
 
 def reconstruction_table(rows_per_seed: list[dict[str, float]]) -> str:
