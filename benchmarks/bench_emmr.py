@@ -5,12 +5,22 @@ and ``hidden`` from ``--hidden`` (other model defaults unchanged: AE widths 256-
 blocks, dropout 0.3), one random MOSI-shaped batch (:func:`bench_train_step.make_dataset`: text
 ``[B, 50, 768]``, audio ``[B, 50, 74]``, vision ``[B, 50, 47]``; its scores binned into 3 classes)
 and times, on one device, the steps :func:`mmjax.train.fit` runs in stage ``"main"`` (the loss
-of eq. 14 with the pre-trained network frozen: its leaves masked out of the optimiser) and the
-evaluation step (``method.predict``), like ``bench_train_step.py``: "first call" = trace + compile
-+ one run, "ms/step" = median of ``--repeats`` calls after ``--warmup`` warm-up calls, each blocked
-on; the train step is fed the state it returned. "params": EMMR's parameters (``params["emmr"]``,
-trained in stage 2) and the frozen full-modality network's (``params["pretrained"]``). "GFLOP":
-XLA's count for one compiled step (:func:`bench_train_step.step_cost`; stable on a noisy machine).
+of eq. 14 with the pre-trained network frozen: its leaves masked out of the optimiser; the batch
+corrupted in the step by EMMR's own train-time corruption ``drop_one:0.5``) and the evaluation
+step (``method.predict``) on the clean batch and on a ``drop_one:0.5`` copy, like
+``bench_train_step.py``: "first call" = trace + compile + one run, "ms/step" = median of
+``--repeats`` calls after ``--warmup`` warm-up calls, each blocked on; the train step is fed the
+state it returned. Each case runs at every ``--lambda_semantic`` (1: mmjax's default, every view
+trained; 0: eq. 14, the paper preset). "params": EMMR's parameters (``params["emmr"]``, trained in
+stage 2) and the frozen full-modality network's (``params["pretrained"]``).
+
+"GFLOP" is the work done: XLA's count for the compiled step (in parentheses; stable on a noisy
+machine) counts each scan body once, and the views run in a scan over chunks of the samples that
+need them (:func:`mmjax.methods.emmr.needed_forward`), as many chunks as the batch needs. So the
+work is the count plus, per view scan, the chunks run beyond one times the views' count on one
+chunk (:func:`executed_gflop`; the number of samples with a missing modality and of flagged ones
+read from the loss's ``missing`` / ``key_missing`` terms on one corrupted draw of the batch; the
+re-encoding scan of the loss runs no chunk under ``drop_one``).
 
   python benchmarks/bench_emmr.py                          # B = 32, d = 64
   python benchmarks/bench_emmr.py --hidden=300 --repeats=3 --warmup=1 --output=/tmp/emmr_perf.md
@@ -34,6 +44,11 @@ _CASES = flags.DEFINE_list("cases", ["tf", "tf+ae", "tf+ae+mmin"], "Ensembles to
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "Width d (the paper's is 300).", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size B (the paper's is 32).",
                                    lower_bound=1)
+_VIEW_CHUNK = flags.DEFINE_integer("row_chunk", None, "model.row_chunk (default: EMMR's).",
+                                   lower_bound=1)
+_LAMBDA_SEMANTIC = flags.DEFINE_list(
+    "lambda_semantic", ["1", "0"], "model.lambda_semantic values (1: mmjax's default; 0: eq. 14, "
+    "the paper preset).")
 # --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
 # flags (--devices, --experts, ...) are ignored here.
 # pylint: disable-next=protected-access
@@ -49,17 +64,71 @@ def make_dataset(batch_size: int):
   return data.Dataset("bench", "classification", 3, {s: batch for s in data.SPLITS})
 
 
-def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
-              ) -> dict[str, Any]:
-  """Builds EMMR with the members of ``case`` and times its stage-2 train step and eval step."""
+def row_chunk_gflop(method_config, spec, params, rows: int, train: bool) -> float:
+  """XLA's GFLOP of EMMR's views (eq. 8-9) on ``rows`` samples: the body of one chunk of
+  :func:`mmjax.methods.emmr.needed_forward`'s scans; with ``train``, forward and backward."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mmjax import experiment, train  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
+  _, main = emmr.make_models(method_config, spec)
+  t = int(sum(main.seq_lens))
+  x, real = jnp.zeros((rows, t, main.hidden)), jnp.ones((rows, t), bool)
+  views = lambda p, x: sum(jnp.sum(v) for v in main.apply(
+      {"params": p}, x, real, train=False, method="view_logits"))
+  return shared.step_cost(jax.jit(jax.grad(views, argnums=(0, 1)) if train else views),
+                          params["emmr"], x)[0]
+
+
+def encode_chunk_gflop(method_config, spec, params, batch, rows: int) -> float:
+  """XLA's GFLOP of EMMR's encoders (eq. 1-2) on ``rows`` samples, forward and backward: the body
+  of one chunk of :func:`mmjax.methods.emmr.encode_observed_and_clean`'s re-encoding scan."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
+  _, main = emmr.make_models(method_config, spec)
+  part = batch.take(np.arange(rows))
+  encode = lambda p: jnp.sum(main.apply({"params": p}, part.features, part.step_mask,
+                                        jnp.asarray(part.present), method="encode"))
+  return shared.step_cost(jax.jit(jax.grad(encode)), params["emmr"])[0]
+
+
+def executed_gflop(compiled: float, metrics: dict[str, float], batch_size: int, chunk: int,
+                   body: dict[str, float], members: int, semantic: bool,
+                   reencoded: tuple[int, float] = (1, 0.0)) -> float:
+  """XLA's count of a step (each scan body once) plus the chunks of the scans that run beyond one
+  (fewer than one: the body is subtracted). ``metrics``: the fractions ``missing`` (samples with a
+  missing modality) and ``key_missing`` (flagged); ``body[n]`` the views' GFLOP on ``n`` samples.
+  The TF member's views scan the incomplete samples unless ``semantic`` (then they run on all,
+  unscanned); the other members' views scan the incomplete (``semantic``) or flagged ones.
+  ``reencoded``: (chunks the loss's re-encoding scan runs, the GFLOP of one; ``(1, 0)``: no scan,
+  as in the eval step)."""
+  runs = lambda fraction: -(-round(fraction * batch_size) // chunk)
+  total = compiled + (reencoded[0] - 1) * reencoded[1]
+  if not semantic:
+    total += (runs(metrics["missing"]) - 1) * body[chunk]
+  if members > 1:
+    others = metrics["missing"] if semantic else metrics["key_missing"]
+    total += (runs(others) - 1) * body[(members - 1) * chunk]
+  return total
+
+
+def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int,
+              lambda_semantic: float) -> dict[str, Any]:
+  """Builds EMMR with the members of ``case`` and times its stage-2 train step (with EMMR's own
+  train-time corruption, as ``fit`` runs it) and its eval step on the clean batch and on the batch
+  with EMMR's corruption (``drop_one:0.5``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax import data, experiment, train  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import TaskSpec, emmr  # pylint: disable=g-import-not-at-top
   from mmjax.train.sharding import replicated  # pylint: disable=g-import-not-at-top
   from mmjax.train.steps import mask_optimizer  # pylint: disable=g-import-not-at-top
   config = experiment.get_config("emmr")
   config.batch_size = batch_size
   config.model.hidden = hidden
   config.model.members = case.replace("+", ",")
+  config.model.lambda_semantic = lambda_semantic
+  if _VIEW_CHUNK.value is not None:
+    config.model.row_chunk = _VIEW_CHUNK.value
   dataset = make_dataset(batch_size)
   method = experiment.build_method(config, dataset)
   main = method.stages[-1]
@@ -69,32 +138,67 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
   optimizer = mask_optimizer(train.make_optimizer(config), trainable)
   state = state.replace(opt_state=optimizer.init(state.params))
   mesh = train.data_mesh(jax.devices()[:1])
-  train_step, eval_step = train.compile_steps(stage_method, optimizer, mesh, trainable)
+  corruption = train.train_corruption(method, dataset, config)
+  train_step, eval_step = train.compile_steps(stage_method, optimizer, mesh, trainable, corruption)
   state = jax.device_put(state, replicated(mesh))
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-  batch = jax.block_until_ready(train.put_batch(dataset.splits["train"], mesh))
+  clean = dataset.splits["train"]
+  batch = jax.block_until_ready(train.put_batch(clean, mesh))
+  corrupted = train.put_batch(data.drop_one_modality(jax.random.key(1), clean, 0.5), mesh)
   state, train_first, train_s = shared.time_calls(
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
   _, eval_first, eval_s = shared.time_calls(
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
+  _, _, eval_corrupted_s = shared.time_calls(
+      eval_step, state, corrupted, advance=False, warmup=warmup, repeats=repeats)
   train_gflop, _ = shared.step_cost(train_step, state, batch)
   eval_gflop, _ = shared.step_cost(eval_step, state, batch)
-  return dict(case=case.upper(), hidden=hidden, params=count(state.params["emmr"]),
-              train_gflop=train_gflop, eval_gflop=eval_gflop,
-              pretrained_params=count(state.params["pretrained"]), train_first_s=train_first,
-              train_step_s=train_s, eval_first_s=eval_first, eval_step_s=eval_s)
+  # The data-dependent part of the count: how many samples the views run on in each step.
+  # (one draw of the train-time corruption; the evaluation-mode flags on the eval batches).
+  loss = jax.jit(lambda params, batch, train: main.loss(params, {}, batch, jax.random.key(3),
+                                                        train)[1][0], static_argnums=2)
+  train_batch = corruption(jax.random.key(2), batch)
+  train_metrics = jax.device_get(loss(state.params, train_batch, True))
+  eval_metrics = {name: jax.device_get(loss(state.params, b, False))
+                  for name, b in (("clean", batch), ("corrupted", corrupted))}
+  spec = TaskSpec.from_dataset(dataset)
+  members = len(emmr.parse_members(config.model.members))
+  chunk = config.model.row_chunk
+  sizes = {chunk, (members - 1) * chunk} - {0}
+  body = lambda train: {n: row_chunk_gflop(config.model, spec, state.params, n, train)
+                        for n in sizes}
+  semantic = lambda_semantic > 0
+  train_body, eval_body = body(True), body(False)
+  return dict(
+      case=case.upper(), hidden=hidden, params=count(state.params["emmr"]),
+      lambda_semantic=lambda_semantic, pretrained_params=count(state.params["pretrained"]),
+      train_gflop=executed_gflop(
+          train_gflop, train_metrics, batch_size, chunk, train_body, members, semantic,
+          (-(-int(np.asarray(emmr.changed_rows(train_batch)).sum()) // chunk),
+           encode_chunk_gflop(config.model, spec, state.params, clean, chunk))),
+      eval_gflop={name: executed_gflop(eval_gflop, m, batch_size, chunk, eval_body, members,
+                                       False) for name, m in eval_metrics.items()},
+      compiled_gflop=(train_gflop, eval_gflop),
+      missing=train_metrics["missing"], flagged=train_metrics["key_missing"],
+      train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,
+      eval_step_s=eval_s, eval_corrupted_s=eval_corrupted_s)
 
 
 def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], batch_size: int,
                    warmup: int, repeats: int, load: tuple[float, float]) -> str:
-  lines = ["| ensemble | d | params (EMMR) | params (pre-trained, frozen) | train GFLOP "
-           "| train first call s | train ms/step | eval GFLOP | eval first call s | eval ms/step |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = ["| ensemble | λ_sem | d | params (EMMR) | params (pre-trained, frozen) | train GFLOP "
+           "(XLA count) | train first call s | train ms/step | eval GFLOP clean / drop_one 0.5 "
+           "(XLA count) | eval first call s | eval ms/step clean / drop_one 0.5 |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in results:
-    lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['pretrained_params']:,} "
-                 f"| {r['train_gflop']:.2f} | {r['train_first_s']:.2f} "
-                 f"| {1e3 * r['train_step_s']:.1f} | {r['eval_gflop']:.2f} "
-                 f"| {r['eval_first_s']:.2f} | {1e3 * r['eval_step_s']:.1f} |")
+    compiled_train, compiled_eval = r["compiled_gflop"]
+    lines.append(
+        f"| {r['case']} | {r['lambda_semantic']:g} | {r['hidden']} | {r['params']:,} "
+        f"| {r['pretrained_params']:,} | {r['train_gflop']:.2f} ({compiled_train:.2f}) "
+        f"| {r['train_first_s']:.2f} | {1e3 * r['train_step_s']:.1f} "
+        f"| {r['eval_gflop']['clean']:.2f} / {r['eval_gflop']['corrupted']:.2f} "
+        f"({compiled_eval:.2f}) | {r['eval_first_s']:.2f} "
+        f"| {1e3 * r['eval_step_s']:.1f} / {1e3 * r['eval_corrupted_s']:.1f} |")
   lines += ["", shared.step_table_footer(batch_size, "3 classes; stage-2 train step", warmup,
                                          repeats, machine, load)]
   return "\n".join(lines) + "\n"
@@ -110,9 +214,11 @@ def main(argv: Sequence[str]) -> None:
   load_before = os.getloadavg()[0]
   results = []
   for case in _CASES.value:
-    result = time_case(case, _HIDDEN.value, _BATCH_SIZE.value, _WARMUP.value, _REPEATS.value)
-    sys.stderr.write(f"# {result}\n")
-    results.append(result)
+    for lambda_semantic in _LAMBDA_SEMANTIC.value:
+      result = time_case(case, _HIDDEN.value, _BATCH_SIZE.value, _WARMUP.value, _REPEATS.value,
+                         float(lambda_semantic))
+      sys.stderr.write(f"# {result}\n")
+      results.append(result)
   table = markdown_table(results, shared.machine_info(), _BATCH_SIZE.value, _WARMUP.value,
                          _REPEATS.value, (load_before, os.getloadavg()[0]))
   shared.write_table(table)

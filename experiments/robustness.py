@@ -129,6 +129,7 @@ def main(argv):
                       label=label):
           level_dir = os.path.join(workdir, label, robustness.level_name(level))
           level_config = config.copy_and_resolve_references()
+          level_config.validate_corrupted = False  # matched_sweep corrupts the valid split itself
           if at_input:
             level_config.train_corruption = robustness.matched_corruption(protocol, level)
           else:  # the noise lives in the model: train, validation and test alike

@@ -19,7 +19,7 @@ import pytest
 from mmjax.data import Batch, Dataset
 from mmjax.methods import TaskSpec, build, default_model_config
 from mmjax.methods import emmr
-from mmjax.nn import MLPAutoencoder, apply_stacked
+from mmjax.nn import MLPAutoencoder, apply_stacked, chunks_run, map_selected
 from mmjax.train import data_mesh, default_train_config, fit
 
 # lambda_backward = 1 (paper: 0.1) makes the reconstruction effect large within a few epochs.
@@ -483,3 +483,99 @@ def test_apply_stacked_equals_separate_modules():
     np.testing.assert_allclose(out[s], x[s] @ params["kernel"][s] + params["bias"][s], rtol=1e-5,
                                atol=1e-6)
   assert not np.allclose(params["kernel"][0], params["kernel"][1])  # independent copies
+
+
+@pytest.mark.parametrize("semantic", [True, False])
+def test_needed_views_equal_the_full_forward(semantic, init_params, spec, corrupted):
+  """``needed_forward`` (views only where their value is used, in chunks of 3 samples) equals the
+  full ``forward`` on everything the loss and the prediction read, values and gradients; at the
+  initial parameters some samples with a missing modality are flagged and some not."""
+  _, main = emmr.make_models(_config(), spec)
+  present = jnp.asarray(corrupted.present)
+  real = jnp.ones((corrupted.batch_size, 12), bool)
+  x = emmr.encode_observed_and_clean(main, init_params, corrupted, 8)[0]
+  weights = jax.random.normal(jax.random.key(0), (2, len(MEMBERS), 4, 3))
+
+  def run(params, fast):
+    variables = {"params": params}
+    if fast:
+      out = emmr.needed_forward(main, variables, x, real, present, train=False, key=None,
+                                semantic=semantic, chunk=3)
+    else:
+      out = main.apply(variables, x, real, present, train=False, method="forward")
+    views = jnp.concatenate([out["full_logits"][:, :, None], out["loo_logits"]], 2)  # [K,B,4,C]
+    used = jnp.sum(out["logits"] * weights[0, 0, 0]) + jnp.sum(out["decoded"] ** 2)
+    if semantic:  # every view is trained
+      used = used + jnp.sum(views * weights[1][:, None])
+    return used, out
+
+  both = jax.jit(lambda p: [jax.value_and_grad(run, has_aux=True)(p, fast) for fast in (0, 1)],
+                 compiler_options={"xla_backend_optimization_level": 0})
+  ((ref_value, ref), ref_grad), ((value, out), grad) = both(init_params["emmr"])
+  flagged, incomplete = np.asarray(ref["key_missing"]), ~np.asarray(present).all(-1)
+  assert 0 < flagged.sum() < incomplete.sum() < len(incomplete)
+  for name in ("logits", "key_missing", "pooled_f", "decoded", "backbone_logits"):
+    np.testing.assert_allclose(out[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  rows = np.ones_like(incomplete) if semantic else incomplete  # TF's views, then the others'
+  for k, needed in enumerate([rows] + [incomplete if semantic else flagged] * 2):
+    for name in ("full_logits", "loo_logits"):
+      np.testing.assert_allclose(out[name][k][needed], ref[name][k][needed], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{name} member {k}")
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), grad,
+               ref_grad)
+
+
+def test_encode_once_equals_two_passes(init_params, spec, corrupted):
+  """``X`` derived from the clean pass where only modalities were dropped, re-encoded where a
+  present modality is noisy: the values and gradients of two plain encoder passes."""
+  _, main = emmr.make_models(_config(), spec)
+  noisy = np.arange(corrupted.batch_size) % 3 == 0
+  features = dict(corrupted.features)
+  features["text"] = features["text"] + np.where(noisy[:, None, None], 0.5, 0.0).astype(np.float32)
+  batch = corrupted.replace(features=features)
+  assert np.array_equal(emmr.changed_rows(batch), noisy & np.asarray(batch.present)[:, 0])
+  weights = jax.random.normal(jax.random.key(1), (2, batch.batch_size, 12, 8))
+
+  def both(params):
+    x, x_full = emmr.encode_observed_and_clean(main, params, batch, 3)
+    present = jnp.asarray(batch.present)
+    plain = main.apply({"params": params["emmr"]}, batch.features, emmr._observed(batch, present),
+                       present, method="encode")
+    plain_full = main.apply({"params": params["emmr"]}, batch.full_features,
+                            batch.full_step_mask, jnp.ones_like(present), method="encode")
+    return (jnp.sum(x * weights[0]) + jnp.sum(x_full * weights[1]),
+            jnp.sum(plain * weights[0]) + jnp.sum(jax.lax.stop_gradient(plain_full) * weights[1]))
+
+  (fast, plain), (grad_fast, grad_plain) = jax.jit(lambda p: (
+      both(p), (jax.grad(lambda q: both(q)[0])(p), jax.grad(lambda q: both(q)[1])(p))))(
+          init_params)
+  np.testing.assert_allclose(fast, plain, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grad_fast,
+               grad_plain)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 13, 20])
+def test_map_selected_computes_exactly_the_selected_rows(chunk):
+  """Values, gradients and per-chunk keys on the selected rows, zeros elsewhere; the chunks without
+  a selected row do not run (counted by a callback in ``fn``)."""
+  rng = np.random.default_rng(chunk)
+  x = jnp.asarray(rng.normal(size=(2, 13, 3)), jnp.float32)
+  selected = rng.random((2, 13)) < 0.4
+  w = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  calls = []
+
+  def fn(rows, key):
+    jax.debug.callback(lambda: calls.append(1))
+    return jnp.tanh(rows @ w), jax.random.uniform(key, rows.shape[:2], minval=1.0, maxval=2.0)
+
+  out, draws = jax.jit(lambda x: map_selected(fn, jnp.asarray(selected), chunk, x,
+                                              key=jax.random.key(3)))(x)
+  np.testing.assert_allclose(out, np.where(selected[..., None], np.tanh(np.asarray(x @ w)), 0.0),
+                             rtol=1e-5, atol=1e-6)
+  assert (np.asarray(draws)[~selected] == 0).all() and (np.asarray(draws)[selected] >= 1).all()
+  assert len(calls) == chunks_run(selected, chunk) == -(-selected.sum(-1).max() // chunk)
+  grad = jax.grad(lambda x: jnp.sum(map_selected(lambda r, k: jnp.tanh(r @ w), jnp.asarray(
+      selected), chunk, x) ** 2))(x)
+  expected = jax.grad(lambda x: jnp.sum((jnp.tanh(x @ w) * selected[..., None]) ** 2))(x)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)

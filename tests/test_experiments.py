@@ -149,6 +149,7 @@ def test_paper_configs_carry_the_papers_settings(method, batch_size, learning_ra
   assert (config.method, config.dataset) == (method, "synthetic:classification")
   assert (config.batch_size, config.learning_rate, config.num_epochs) == (
       batch_size, learning_rate, num_epochs)
+  assert config.validate_corrupted == (method == "emmr")  # EMMR validates at its training ratio
   # Model defaults are the papers' weights; EMMR's preset is eq. 14 and the authors' choices.
   expected = default.get_config(method).model
   if method == "emmr":

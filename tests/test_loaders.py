@@ -168,6 +168,36 @@ def test_sdk_pickle_labels_nan_inf_and_dev_alias(tmp_path, label_shape):
   assert ds.feature_shapes() == {"text": (3, 300), "audio": (3, 74), "vision": (3, 35)}
 
 
+def _iemocap_file(tmp_path, emotion, blank=None):
+  """MulT's ``iemocap_data.pkl`` layout: ``labels [N, 4, 2]``, ``labels[n, e, 1] = 1`` for the
+  emotion ``e = emotion[n]`` of sample ``n`` (every split the same); ``text[n, 0, 0] = n``."""
+  n = len(emotion)
+  labels = np.zeros((n, 4, 2), np.float32)
+  labels[:, :, 0] = 1
+  labels[np.arange(n), emotion] = [0, 1]
+  if blank is not None:
+    labels[blank] = [1, 0]
+  text = np.zeros((n, 2, 3), np.float32)
+  text[:, 0, 0] = np.arange(n)
+  split = {"text": text, "audio": np.zeros((n, 2, 4), np.float32),
+           "vision": np.zeros((n, 2, 5), np.float32), "labels": labels}
+  return _write_pickle(tmp_path / "iemocap_data.pkl", dict.fromkeys(("train", "valid", "test"),
+                                                                    split))
+
+
+@pytest.mark.parametrize("num_classes, rows, classes", [
+    (None, [0, 1, 2, 3, 4, 5], [3, 0, 1, 2, 1, 0]),  # the 4 emotions
+    (2, [0, 2, 3, 4], [0, 1, 0, 1]),  # EMMR: sad / angry 0, happy 1, neutral left out
+])
+def test_sdk_pickle_iemocap_emotions(tmp_path, num_classes, rows, classes):
+  path = _iemocap_file(tmp_path, np.array([3, 0, 1, 2, 1, 0]))  # angry neutral happy sad happy ne.
+  ds = load_sdk_pickle(path, task="classification", num_classes=num_classes)
+  assert ds.num_classes == (num_classes or 4)
+  for batch in ds.splits.values():
+    np.testing.assert_array_equal(batch.features["text"][:, 0, 0], rows)
+    np.testing.assert_array_equal(batch.label, classes)
+
+
 # ==================================================================== multi-view .mat
 def _view_pool(rng, labels, dims):
   """Views [N, D]; column 0 of view0 holds the row number so loaded rows can be traced back."""
@@ -439,12 +469,21 @@ ERROR_CASES = {
     "sdk valid and dev": (
         lambda p: _pickle_bytes(p, pickle.dumps(dict.fromkeys("train valid dev test".split(), {}))),
         r"both 'valid' and its alias 'dev'"),
-    "sdk multi-label": (
+    "sdk IEMOCAP labels as regression": (
         lambda p: _pickle_bytes(p, pickle.dumps({s: {
             "text": np.zeros((2, 3, 4)), "audio": np.zeros((2, 3, 4)),
             "vision": np.zeros((2, 3, 4)), "labels": np.zeros((2, 4, 2))}
             for s in ("train", "valid", "test")})),
-        r"\['labels'\]: expected labels \[N\], \[N, 1\] or \[N, 1, 1\], got shape \(2, 4, 2\)"),
+        r"\['labels'\]: IEMOCAP emotion labels \[N, 4, 2\] need task='classification'"),
+    "sdk IEMOCAP sample without an emotion": (
+        lambda p: lambda: load_sdk_pickle(_iemocap_file(p, np.array([1, 0, 2]), blank=1),
+                                          task="classification"),
+        r"\['train'\]\['labels'\]: each sample needs exactly one of \('neutral', 'happy', 'sad', "
+        r"'angry'\); samples \[1\] have \[0\]"),
+    "sdk IEMOCAP 3 classes": (
+        lambda p: lambda: load_sdk_pickle(_iemocap_file(p, np.array([1, 0, 2])),
+                                          task="classification", num_classes=3),
+        r"map to 4 classes \(the emotions\) or 2 \(EMMR's negative / positive\), got 3"),
     "mat unknown layout": (
         lambda p: _mat(p, {"features": np.zeros((4, 2)), "labels": np.ones((4, 1))}),
         r"unrecognised multi-view layout; keys found: \['features', 'labels'\]\. Supported"),

@@ -23,6 +23,7 @@ from mmjax.data import protocols as protocols_lib
 from mmjax.methods import Method, TaskSpec
 from mmjax.train import default_train_config, fit, init_state, make_optimizer
 from mmjax.train import make_train_step, train_corruption
+from mmjax.train.loop import VALID_CORRUPTION_STREAM
 from tests.test_corruption import assert_batches_equal, clean_batch, messy_batch
 
 MODS3 = ("text", "audio", "vision")
@@ -227,6 +228,16 @@ def test_fit_corrupts_training_batches_only():
   clean = fit(_recording_method(None), data, config, log=lambda line: None)
   assert [r["train/missing"] for r in clean.history] == [0.0, 0.0]
   assert [r["train/full"] for r in clean.history] == full  # the clean copy is never corrupted
+  # validate_corrupted: the valid split corrupted once, fold_in(PRNGKey(seed), stream), every epoch.
+  config.update(train_corruption="missing_rate:0:0.6", validate_corrupted=True)
+  corrupted = fit(_recording_method(None), data, config, log=lambda line: None)
+  valid = train_corruption(_recording_method(None), data, config)(
+      jax.random.fold_in(jax.random.PRNGKey(0), VALID_CORRUPTION_STREAM), data.splits["valid"])
+  missing = 1.0 - np.asarray(valid.present, np.float32).mean(axis=1)
+  assert abs(missing.mean() - 0.3) < 0.1
+  for record in corrupted.history:
+    np.testing.assert_allclose(record["valid/mae"],
+                               np.mean(np.abs(missing - data.splits["valid"].label)), rtol=1e-5)
 
 
 def test_concat_with_corruption_equals_concat_on_precorrupted_batches():

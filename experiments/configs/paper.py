@@ -20,7 +20,9 @@
   (the model defaults; stage 1, the full-modality network, ``--config.model.pretrain_epochs``, default 20), and the
   paper-literal choices where mmjax's defaults differ (docs/emmr.md): eq. 14 without mmjax's view loss
   (``lambda_semantic=0``), the frozen teacher fed the missing-modality input (``teacher_input="corrupted"``, §3.2 and
-  the authors' code), ``L_backward`` on the TF decoder only (``backward_members="tf"``, the authors' code). A
+  the authors' code), ``L_backward`` on the TF decoder only (``backward_members="tf"``, the authors' code); model
+  selection on the valid split corrupted like the training batches (``validate_corrupted``: the paper trains,
+  validates and tests at one missing ratio). A
   classification task (3-class MOSI-style or 2-class IEMOCAP-style labels), e.g. ``paper.py:emmr,synthetic:classification``.
   Tables 2-3 ablations: ``--config.model.members=tf`` (backbone only) / ``tf,ae`` / ``tf,mmin``,
   ``--config.model.fusion=max|average``, ``--config.model.use_forward=False`` / ``use_backward=False``.
@@ -44,7 +46,8 @@ PAPER_SETTINGS = {
     "late_fusion": dict(batch_size=16, num_epochs=100, learning_rate=1e-3),
     "late_fusion_joint": dict(batch_size=16, num_epochs=100, learning_rate=1e-3),
     "ease": dict(batch_size=64, num_epochs=200, learning_rate=1e-3),
-    "emmr": dict(batch_size=32, num_epochs=20, learning_rate=1e-3, task="classification"),
+    "emmr": dict(batch_size=32, num_epochs=20, learning_rate=1e-3, task="classification",
+                 validate_corrupted=True),
     "samlml": dict(num_epochs=100, weight_decay=0.01),
 }
 

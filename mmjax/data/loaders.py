@@ -130,12 +130,14 @@ def load_sdk_pickle(
   NaN and ``-inf`` in ``audio`` / ``vision`` become 0 (as MulT's loader does); any other NaN / inf
   is an error. All steps are valid. ``task='classification'`` bins the score like
   :func:`load_mmsa_pickle` (3 classes ``[s < 0, s == 0, s > 0]`` by default, 2 classes
-  ``[s < 0, s >= 0]``).
+  ``[s < 0, s >= 0]``). IEMOCAP's emotion labels ``[N, 4, 2]`` (MulT's ``iemocap_data.pkl``) become
+  classes by :func:`iemocap_classes`: 4 emotions (default) or, with ``num_classes=2``, EMMR's
+  negative / positive (neutral samples left out).
 
   Args:
     path: the ``.pkl`` file.
     task: ``"regression"`` (float32 labels) or ``"classification"`` (int32 labels).
-    num_classes: classification only: 2 or 3 (default 3).
+    num_classes: classification only: 2 or 3 (default 3); for IEMOCAP labels 4 (default) or 2.
 
   Returns:
     A :class:`Dataset` with modalities ``("text", "audio", "vision")``.
@@ -143,22 +145,35 @@ def load_sdk_pickle(
   Raises:
     FileNotFoundError: ``path`` does not exist.
     ValueError: unreadable pickle, missing split / key, wrong shape, mismatched sample counts,
-      non-finite text or labels, multi-label (e.g. IEMOCAP ``[N, 4, 2]``) labels.
+      non-finite text or labels, IEMOCAP labels with ``task='regression'``.
   """
   path = _check_file(path)
   _check_task(task, num_classes)
   data = _read_split_pickle(path, split_aliases={"valid": "dev"})
-  parts = {}
+  parts, layouts = {}, set()
   for split in SPLITS:
     where = f"{path.name}[{split!r}]"
     entry = data[split]
     _require_keys(entry, (*SEQUENCE_MODALITIES, "labels"), where)
-    score = _labels_1d(entry["labels"], f"{where}['labels']").astype(np.float32)
+    emotions = np.ndim(entry["labels"]) == 3 and np.shape(entry["labels"])[1:] == (4, 2)
+    layouts.add(emotions)
+    if len(layouts) > 1:
+      raise ValueError(f"{where}['labels']: IEMOCAP emotion labels [N, 4, 2] in some splits and "
+                       "scores in others")
+    if emotions:
+      if task != "classification":
+        raise ValueError(f"{where}['labels']: IEMOCAP emotion labels [N, 4, 2] need "
+                         "task='classification' (num_classes 4 or 2, see iemocap_classes)")
+      score = iemocap_classes(entry["labels"], num_classes or 4, f"{where}['labels']")
+    else:
+      score = _labels_1d(entry["labels"], f"{where}['labels']").astype(np.float32)
     n = score.shape[0]
     features = {
         m: _feature_array(entry[m], f"{where}[{m!r}]", n, "labels", ndim=3)
         for m in SEQUENCE_MODALITIES
     }
+    if emotions:  # rows without a class (neutral in the 2-class mapping) are left out
+      features, score = {m: x[score >= 0] for m, x in features.items()}, score[score >= 0]
     for m in ("audio", "vision"):
       x = features[m]
       x[np.isnan(x) | (x == -np.inf)] = 0.0
@@ -166,8 +181,44 @@ def load_sdk_pickle(
       _check_finite(x, f"{where}[{m!r}]")
     step_mask = {m: np.ones(x.shape[:2], bool) for m, x in features.items()}
     parts[split] = (features, step_mask, score)
-  parts = _apply_task(parts, {}, task, num_classes, path.name)
+  if emotions:
+    num_classes = num_classes or 4
+  else:
+    parts = _apply_task(parts, {}, task, num_classes, path.name)
   return _make_dataset(f"sdk:{path}", task, parts, num_classes)
+
+
+# MulT's IEMOCAP pickle: labels [N, 4, 2], emotion e of sample n is labels[n, e, 1] == 1.
+IEMOCAP_EMOTIONS = ("neutral", "happy", "sad", "angry")
+
+
+def iemocap_classes(labels: Any, num_classes: int, where: str) -> np.ndarray:
+  """Class indices ``[N]`` int32 from IEMOCAP emotion labels ``[N, 4, 2]`` (MulT's layout,
+  emotions :data:`IEMOCAP_EMOTIONS`, each sample exactly one).
+
+  ``num_classes=4``: the emotion's index (neutral 0, happy 1, sad 2, angry 3). ``num_classes=2``:
+  EMMR's two classes (papers/002 §4.1: negative = frustration, angry, sad, fear, disappointment;
+  positive = happy, excited): sad / angry -> 0, happy -> 1, neutral -> -1 (left out by the
+  loader); MulT's file holds only these four emotions, so the other negatives and "excited" are not
+  in it (for them, convert the full IEMOCAP labels to ``.npz``).
+  """
+  y = np.asarray(labels)
+  if not np.isin(y, (0, 1)).all():
+    raise ValueError(f"{where}: IEMOCAP emotion labels must be 0/1 one-hot, got values "
+                     f"{np.unique(y)[:5]}")
+  one_hot = y[:, :, 1].astype(bool)
+  counts = one_hot.sum(1)
+  if (counts != 1).any():
+    bad = np.flatnonzero(counts != 1)
+    raise ValueError(f"{where}: each sample needs exactly one of {IEMOCAP_EMOTIONS}; samples "
+                     f"{bad[:5].tolist()} have {counts[bad[:5]].tolist()}")
+  emotion = one_hot.argmax(1)
+  if num_classes == 4:
+    return emotion.astype(np.int32)
+  if num_classes == 2:
+    return np.array([-1, 1, 0, 0], np.int32)[emotion]
+  raise ValueError(f"num_classes: IEMOCAP emotion labels map to 4 classes (the emotions) or 2 "
+                   f"(EMMR's negative / positive), got {num_classes}")
 
 
 # ==================================================================== multi-view .mat

@@ -38,7 +38,11 @@ Model
   pairs va / vt / at for ``M = 3``. Each view has its own Transformer block (MHA + MLP) and
   classifier, shared by the members; "without k" runs on the concatenation of the other segments
   (gathered, :meth:`EMMRNetwork.loo_steps`; before issue 14 it masked ``k``'s steps out of a
-  full-length pass, the same outputs for ``T_k / T`` more tokens).
+  full-length pass, the same outputs for ``T_k / T`` more tokens). The loss and ``predict`` compute
+  only the views whose value they use (:func:`needed_forward`: AE's / MMIN's views only where
+  their input differs from TF's, and without ``lambda_sem`` only on flagged samples; the selected
+  samples in chunks of ``model.row_chunk``); :meth:`EMMRNetwork.forward`, which
+  :func:`diagnostics` runs, computes all of them.
 * **Key-missing check** (§3.6, eq. 13): on the TF member (the backbone, Fig. 3b), sample ``b`` is
   flagged when some missing modality ``k`` has ``argmax L_full != argmax L_{-k}``. With one missing
   modality this is the paper's rule ``L_vat != L_{{v,a,t} - {k}}``; samples with no missing
@@ -110,7 +114,7 @@ from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, Stage, TaskSpec, task_loss
 from mmjax.nn import (
     CascadeResidualAutoencoder, MLPAutoencoder, TransformerEncoder, TransformerEncoderDecoder,
-    apply_stacked, masked_mean_pool)
+    apply_stacked, map_selected, masked_mean_pool)
 
 MEMBERS = ("tf", "ae", "mmin")
 FUSIONS = ("attention", "max", "average")
@@ -146,6 +150,10 @@ def default_config() -> ml_collections.ConfigDict:
       use_forward=True,
       use_backward=True,
       pretrain_epochs=20,
+      # Samples per chunk where EMMR computes for selected samples only (the views of
+      # needed_forward, the re-encoded samples of encode_observed_and_clean): changes the cost,
+      # never the values.
+      row_chunk=8,
   ))
 
 
@@ -206,6 +214,13 @@ def key_missing_flags(full_logits: jax.Array, loo_logits: jax.Array,
   """
   disagree = jnp.argmax(full_logits, -1)[:, None] != jnp.argmax(loo_logits, -1)  # [B, M]
   return jnp.any(disagree & ~present, axis=-1)
+
+
+def recover(x: jax.Array, decoded: jax.Array, present: jax.Array, segment: np.ndarray
+            ) -> jax.Array:
+  """§3.6: ``I^e [K, B, T, d]`` = ``X [B, T, d]`` with the steps of every missing modality (``present
+  [B, M]``, ``segment [T]`` the modality of each step) taken from ``decoded [K, B, T, d]``."""
+  return jnp.where(~present[:, segment][None, ..., None], decoded, x[None])
 
 
 class ModalityEncoders(nn.Module):
@@ -333,9 +348,60 @@ class EMMRNetwork(nn.Module):
     return self.encoders([features[m] for m in self.modalities],
                          [masks[m] for m in self.modalities], present) + self.position
 
+  def decode(self, x: jax.Array, real: jax.Array, present: jax.Array, *,
+             train: bool) -> tuple[jax.Array, jax.Array]:
+    """The members' encoder-decoders (eq. 4-7) on ``X [B, T, d]``: ``(f_seq [B, T, d], decoded
+    [K, B, T, d])``, ``f_seq`` the TF encoder's output (the backbone), ``decoded`` every member's
+    reconstruction of every step."""
+    observed = real & present[:, self.segment]
+    decoded, f_seq = [], None
+    if set(self.members) - {"tf"}:
+      utterances = self.utterance_vectors(x, observed)  # [B, M, d], missing rows 0
+    for e in self.members:
+      if e == "tf":
+        f_seq, d = self.encoder_decoders[e](x, observed, real, deterministic=not train)
+      else:  # eq. 5-6 across the modalities: [u_1 || ... || u_M] -> its reconstruction
+        _, flat = self.encoder_decoders[e](utterances.reshape(utterances.shape[0], -1))
+        d = flat.reshape(utterances.shape)[:, self.segment] + self.position + self.step_profiles[e]
+      decoded.append(d)
+    return f_seq, jnp.stack(decoded)
+
+  def view_logits(self, recovered: jax.Array, real: jax.Array, *,
+                  train: bool) -> tuple[jax.Array, jax.Array]:
+    """Eq. 8-9 on recovered inputs ``I [n, T, d]`` with real steps ``[n, T]``: ``L_full [n, C]``
+    and ``L_{-k}`` ``[n, M, C]`` (each on the gathered steps of the other modalities)."""
+    index, kept = self.loo_steps()  # [M, L]
+    full = self.full_view(recovered, real, deterministic=not train)
+    loo = apply_stacked(self.loo_views, len(self.modalities), jnp.moveaxis(recovered[:, index], 1, 0),
+                        jnp.moveaxis(real[:, index], 1, 0) & kept[:, None],
+                        deterministic=not train)  # [M, n, C]
+    return full, jnp.moveaxis(loo, 0, 1)
+
+  def combine(self, full_logits: jax.Array, loo_logits: jax.Array, f_seq: jax.Array,
+              real: jax.Array, present: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """Eq. 10-13 and 17 from the views ``full_logits [K, B, C]``, ``loo_logits [K, B, M, C]`` and
+    the backbone's ``f_seq [B, T, d]``; the dict of :meth:`forward` without ``decoded``."""
+    alpha, e_key = key_representation(loo_logits)  # [K, B, M], [K, B, M*C]
+    scores = self.ensemble_w(jnp.tanh(e_key))[..., 0] if self.fusion == "attention" else None
+    r, beta = fuse(e_key, self.fusion, scores)
+    out = {} if beta is None else {"beta": beta}
+    tf = self.members.index("tf")
+    key_missing = key_missing_flags(full_logits[tf], loo_logits[tf], present)
+    pooled_f = masked_mean_pool(f_seq, real)
+    ensemble_r, backbone_r = self.key_proj(r), self.backbone_proj(pooled_f)
+    chosen = jnp.where(key_missing[:, None], ensemble_r, backbone_r)  # eq. 13
+    out.update(
+        logits=self.head(self.drop(chosen, deterministic=not train)),
+        backbone_logits=self.head(backbone_r), ensemble_logits=self.head(ensemble_r),
+        key_missing=key_missing, pooled_f=pooled_f, full_logits=full_logits,
+        loo_logits=loo_logits, alpha=alpha, e_key=e_key, r=r)
+    return out
+
   def forward(self, x: jax.Array, real: jax.Array, present: jax.Array, *,
               train: bool) -> dict[str, jax.Array]:
-    """Everything after eq. 2, from ``X [B, T, d]``, ``real [B, T]`` (real steps) and ``present``.
+    """Everything after eq. 2, from ``X [B, T, d]``, ``real [B, T]`` (real steps) and ``present``,
+    every view of every member on every sample (the reference; :func:`needed_forward` computes
+    only the views whose value is used).
 
     Returns a dict: ``logits [B, C]``; ``backbone_logits`` / ``ensemble_logits [B, C]`` (the head
     on either branch of eq. 13, without dropout); ``key_missing [B]``; ``decoded [K, B, T, d]``;
@@ -343,50 +409,14 @@ class EMMRNetwork(nn.Module):
     ``alpha [K, B, M]``; ``e_key [K, B, M*C]``; ``beta [B, K]`` (``attention`` fusion only);
     ``r [B, M*C]``.
     """
-    deterministic = not train
-    segment = self.segment
-    num_mod = len(self.modalities)
-    missing_steps = ~present[:, segment]  # [B, T]
-    observed = real & ~missing_steps
-
-    decoded, f_seq = [], None
-    if set(self.members) - {"tf"}:
-      utterances = self.utterance_vectors(x, observed)  # [B, M, d], missing rows 0
-    for e in self.members:
-      if e == "tf":
-        f_seq, d = self.encoder_decoders[e](x, observed, real, deterministic=deterministic)
-      else:  # eq. 5-6 across the modalities: [u_1 || ... || u_M] -> its reconstruction
-        _, flat = self.encoder_decoders[e](utterances.reshape(utterances.shape[0], -1))
-        d = flat.reshape(utterances.shape)[:, segment] + self.position + self.step_profiles[e]
-      decoded.append(d)
-    decoded = jnp.stack(decoded)  # [K, B, T, d]
-    recovered = jnp.where(missing_steps[None, ..., None], decoded, x[None])  # §3.6: I^e
+    f_seq, decoded = self.decode(x, real, present, train=train)
+    recovered = recover(x, decoded, present, self.segment)  # [K, B, T, d]
     k_members, b = decoded.shape[:2]
-    flat = recovered.reshape((k_members * b,) + recovered.shape[2:])
-    flat_real = jnp.tile(real, (k_members, 1))  # [K*B, T]
-    full_logits = self.full_view(flat, flat_real, deterministic=deterministic)
-    index, kept = self.loo_steps()  # [M, L]
-    loo_logits = apply_stacked(self.loo_views, num_mod, jnp.moveaxis(flat[:, index], 1, 0),
-                               jnp.moveaxis(flat_real[:, index], 1, 0) & kept[:, None],
-                               deterministic=deterministic)  # [M, K*B, C]
-    full_logits = full_logits.reshape(k_members, b, self.num_classes)  # [K, B, C]
-    loo_logits = loo_logits.reshape(num_mod, k_members, b, self.num_classes).transpose(1, 2, 0, 3)
-
-    alpha, e_key = key_representation(loo_logits)  # [K, B, M], [K, B, M*C]
-    scores = self.ensemble_w(jnp.tanh(e_key))[..., 0] if self.fusion == "attention" else None
-    r, beta = fuse(e_key, self.fusion, scores)
-    out = {} if beta is None else {"beta": beta}
-    tf = self.members.index("tf")
-    key_missing = key_missing_flags(full_logits[tf], loo_logits[tf], present)
-
-    pooled_f = masked_mean_pool(f_seq, real)
-    ensemble_r, backbone_r = self.key_proj(r), self.backbone_proj(pooled_f)
-    chosen = jnp.where(key_missing[:, None], ensemble_r, backbone_r)  # eq. 13
-    out.update(
-        logits=self.head(self.drop(chosen, deterministic=deterministic)),
-        backbone_logits=self.head(backbone_r), ensemble_logits=self.head(ensemble_r),
-        key_missing=key_missing, decoded=decoded, pooled_f=pooled_f, full_logits=full_logits,
-        loo_logits=loo_logits, alpha=alpha, e_key=e_key, r=r)
+    full, loo = self.view_logits(recovered.reshape((k_members * b,) + recovered.shape[2:]),
+                                 jnp.tile(real, (k_members, 1)), train=train)
+    out = self.combine(full.reshape(k_members, b, -1), loo.reshape((k_members, b) + loo.shape[1:]),
+                       f_seq, real, present, train=train)
+    out["decoded"] = decoded
     return out
 
   def loo_steps(self) -> tuple[np.ndarray, np.ndarray]:
@@ -435,6 +465,65 @@ def make_models(config: ml_collections.ConfigDict, spec: TaskSpec
   return pretrained, main
 
 
+def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
+                   present: jax.Array, *, train: bool, key: jax.Array | None, semantic: bool,
+                   chunk: int) -> dict[str, jax.Array]:
+  """:meth:`EMMRNetwork.forward` computing only the views (eq. 8-9) whose value is used.
+
+  The views are ``(1 + M) K`` Transformer passes per sample, most of the step. Which are needed:
+
+  * A member's recovered input differs from ``X`` only on missing steps, so on a sample with every
+    modality present all ``K`` members' views equal the TF member's: AE's and MMIN's views are
+    computed only for samples with a missing modality and taken from TF's elsewhere (the same
+    values; in training the members share TF's dropout draw there).
+  * With ``semantic`` (``lambda_sem > 0``: every view is trained) TF's views run on every sample.
+    Without it (eq. 14 exactly, and every evaluation) a view reaches the output and the gradient
+    only through the key-missing check and the ensemble (eq. 10-13): TF's views run on the samples
+    with a missing modality (the others are never flagged) and AE's / MMIN's on the flagged ones.
+
+  Selected samples run in chunks of ``chunk`` (:func:`mmjax.nn.map_selected`), so the work grows
+  with their number, never with a capacity. Outputs as :meth:`EMMRNetwork.forward`'s, equal on
+  every value the loss and the prediction read; the view logits (and ``alpha``, ``e_key``,
+  ``r``, ``ensemble_logits``, ``beta``) of samples whose views are not needed are placeholders
+  (zeros or TF's): :func:`diagnostics` runs the full ``forward``.
+  """
+  keys = list(jax.random.split(key, 4)) if train else [None] * 4
+  rngs = lambda k: {} if k is None else {"dropout": k}
+  f_seq, decoded = main.apply(variables, x, real, present, train=train, method="decode",
+                              rngs=rngs(keys[0]))
+  recovered = recover(x, decoded, present, main.segment)  # [K, B, T, d]
+  b, t = real.shape
+
+  def views(rows, steps, k):  # [G, c, T, d], [G, c, T] -> [G, c, C], [G, c, M, C]
+    g, c = steps.shape[:2]
+    full, loo = main.apply(variables, rows.reshape((g * c,) + rows.shape[2:]),
+                           steps.reshape(g * c, t), train=train, method="view_logits",
+                           rngs=rngs(k))
+    return full.reshape(g, c, -1), loo.reshape((g, c) + loo.shape[1:])
+
+  incomplete = jnp.any(~present, axis=-1)  # [B]
+  tf = main.members.index("tf")
+  if semantic:  # every sample: no selection
+    full_tf, loo_tf = views(recovered[tf, None], real[None], keys[1])
+  else:
+    full_tf, loo_tf = map_selected(views, incomplete[None], chunk, recovered[tf, None], real[None],
+                                   key=keys[1])
+  others = [i for i, e in enumerate(main.members) if e != "tf"]
+  full = jnp.broadcast_to(full_tf, (len(main.members),) + full_tf.shape[1:])
+  loo = jnp.broadcast_to(loo_tf, (len(main.members),) + loo_tf.shape[1:])
+  if others:
+    need = incomplete if semantic else key_missing_flags(full_tf[0], loo_tf[0], present)
+    full_o, loo_o = map_selected(
+        views, jnp.broadcast_to(need, (len(others), b)), chunk, recovered[np.array(others)],
+        jnp.broadcast_to(real, (len(others), b, t)), key=keys[2])
+    full = full.at[np.array(others)].set(jnp.where(need[None, :, None], full_o, full_tf))
+    loo = loo.at[np.array(others)].set(jnp.where(need[None, :, None, None], loo_o, loo_tf))
+  out = main.apply(variables, full, loo, f_seq, real, present, train=train, method="combine",
+                   rngs=rngs(keys[3]))
+  out["decoded"] = decoded
+  return out
+
+
 def _check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
   if spec.task != "classification":
     raise ValueError(
@@ -453,6 +542,8 @@ def _check_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> None:
   if config.num_residual_blocks < 1:
     raise ValueError(
         f"model.num_residual_blocks: expected >= 1, got {config.num_residual_blocks}")
+  if not isinstance(config.row_chunk, int) or config.row_chunk < 1:
+    raise ValueError(f"model.row_chunk: expected an int >= 1, got {config.row_chunk!r}")
   if not isinstance(config.pretrain_epochs, int) or config.pretrain_epochs < 1:
     raise ValueError(f"model.pretrain_epochs: expected an int >= 1, got {config.pretrain_epochs!r}")
   for field, allowed in (("teacher_input", TEACHER_INPUTS), ("backward_members", BACKWARD_MEMBERS)):
@@ -472,21 +563,51 @@ def _real_steps(masks: dict[str, jax.Array], modalities: tuple[str, ...]) -> jax
   return jnp.concatenate([jnp.asarray(masks[m]) for m in modalities], axis=1)
 
 
-def encode_observed_and_clean(main: EMMRNetwork, params, batch: Batch
-                              ) -> tuple[jax.Array, jax.Array]:
-  """``X`` of the batch (steps ``step_mask & present``) and ``X^full`` of its clean copy.
+def changed_rows(batch: Batch) -> jax.Array:
+  """``[B]`` bool: samples with a present modality whose features or steps differ from the clean
+  copy (noise, masked steps); dropping a modality alone changes nothing here."""
+  present = jnp.asarray(batch.present)
+  changed = jnp.zeros(batch.batch_size, bool)
+  for i, m in enumerate(batch.modalities):
+    differs = jnp.any(jnp.asarray(batch.features[m]) != jnp.asarray(batch.full_features[m]),
+                      axis=(1, 2)) | jnp.any(jnp.asarray(batch.step_mask[m])
+                                             != jnp.asarray(batch.full_step_mask[m]), axis=1)
+    changed = changed | (present[:, i] & differs)
+  return changed
 
-  One encoder pass over ``[corrupted; clean]`` stacked on the batch axis. Returns two
-  ``[B, T, d]`` arrays.
+
+def encode_observed_and_clean(main: EMMRNetwork, params, batch: Batch, chunk: int
+                              ) -> tuple[jax.Array, jax.Array]:
+  """``X`` of the batch (steps ``step_mask & present``) and ``X^full = sg(X)`` of its clean copy,
+  two ``[B, T, d]`` arrays, encoding each sample once where that is enough.
+
+  Eq. 1-2 encode every modality on its own and zero an absent one, so where the corruption only
+  removed modalities (EMMR's ``drop_one``), ``X`` is ``X^full`` with the absent segments set to
+  ``P``: the clean pass (with gradient) gives both. The samples of :func:`changed_rows` are also
+  encoded from their own input (:func:`mmjax.nn.map_selected`, chunks of ``chunk``). Same values
+  as two full passes; no backward pass runs through a pass whose output gets no gradient.
   """
   present = jnp.asarray(batch.present)
+  variables = {"params": params["emmr"]}
+  clean = main.apply(variables, batch.full_features, batch.full_step_mask, jnp.ones_like(present),
+                     method="encode")
   observed = _observed(batch, present)
-  stacked = main.apply(
-      {"params": params["emmr"]},
-      {m: jnp.concatenate([batch.features[m], batch.full_features[m]]) for m in main.modalities},
-      {m: jnp.concatenate([observed[m], batch.full_step_mask[m]]) for m in main.modalities},
-      jnp.concatenate([present, jnp.ones_like(present)]), method="encode")
-  return jnp.split(stacked, 2)
+  num_mod = len(main.modalities)
+
+  def encode_rows(*rows_and_key):  # [1, c, ...] per modality's features, masks; present
+    rows = [r[0] for r in rows_and_key[:-1]]
+    x = main.apply(variables, dict(zip(main.modalities, rows[:num_mod])),
+                   dict(zip(main.modalities, rows[num_mod:-1])), rows[-1], method="encode")
+    return x[None]
+
+  changed = changed_rows(batch)
+  own = map_selected(encode_rows, changed[None], chunk,
+                     *[jnp.asarray(batch.features[m])[None] for m in main.modalities],
+                     *[observed[m][None] for m in main.modalities], present[None])[0]
+  derived = jnp.where(present[:, main.segment, None], clean, main.apply(
+      variables, method=lambda mdl: mdl.position))
+  x = jnp.where(changed[:, None, None], own, derived)
+  return x, jax.lax.stop_gradient(clean)
 
 
 def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
@@ -524,18 +645,23 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
                                  _observed(batch, present), present, train=False)
     return logits
 
+  semantic = config.lambda_semantic > 0  # every view trained: all of them needed in the loss
+
+  def forward(variables, x, real, present, train, key, semantic):
+    return needed_forward(main, variables, x, real, present, train=train,
+                          key=key if train else None, semantic=semantic, chunk=config.row_chunk)
+
   def loss(params, state, batch, key, train):
-    rngs = {"dropout": key} if train else {}
     present = jnp.asarray(batch.present)
     valid = jnp.asarray(batch.valid)
     real = _real_steps(batch.step_mask, spec.modalities)
     variables = {"params": params["emmr"]}
     if config.use_backward:
-      x, x_full = encode_observed_and_clean(main, params, batch)
+      x, x_full = encode_observed_and_clean(main, params, batch, config.row_chunk)
     else:
       x = main.apply(variables, batch.features, _observed(batch, present), present,
                      method="encode")
-    out = main.apply(variables, x, real, present, train=train, method="forward", rngs=rngs)
+    out = forward(variables, x, real, present, train, key, semantic)
 
     metrics = {"cls": task_loss(out["logits"], batch, spec)}
     total = metrics["cls"]
@@ -558,12 +684,13 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
       trained = members if config.backward_members == "all" else ("tf",)
       metrics["backward"] = sum(metrics[f"backward_{e}"] for e in trained) / len(trained)
       total = total + config.lambda_backward * metrics["backward"]
-    views = jnp.concatenate([out["full_logits"][:, :, None], out["loo_logits"]], axis=2)
-    labels = jnp.broadcast_to(jnp.asarray(batch.label)[None, :, None], views.shape[:-1])
-    metrics["semantic"] = masked_mean(
-        optax.softmax_cross_entropy_with_integer_labels(views.astype(jnp.float32), labels),
-        valid[None, :, None])
-    total = total + config.lambda_semantic * metrics["semantic"]
+    if semantic:
+      views = jnp.concatenate([out["full_logits"][:, :, None], out["loo_logits"]], axis=2)
+      labels = jnp.broadcast_to(jnp.asarray(batch.label)[None, :, None], views.shape[:-1])
+      metrics["semantic"] = masked_mean(
+          optax.softmax_cross_entropy_with_integer_labels(views.astype(jnp.float32), labels),
+          valid[None, :, None])
+      total = total + config.lambda_semantic * metrics["semantic"]
     metrics["key_missing"] = masked_mean(out["key_missing"].astype(jnp.float32), valid)
     metrics["missing"] = masked_mean(jnp.any(~present, -1).astype(jnp.float32), valid)
     metrics["loss"] = total
@@ -571,8 +698,11 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
 
   def predict(params, state, batch):
     del state
-    return main.apply({"params": params["emmr"]}, batch.features, batch.step_mask,
-                      jnp.asarray(batch.present), train=False)["logits"]
+    present = jnp.asarray(batch.present)
+    variables = {"params": params["emmr"]}
+    x = main.apply(variables, batch.features, _observed(batch, present), present, method="encode")
+    return forward(variables, x, _real_steps(batch.step_mask, spec.modalities), present, False,
+                   None, False)["logits"]
 
   def trainable_in(stage):
     def trainable(params):
@@ -599,7 +729,7 @@ def diagnostics(params, batch: Batch, config: ml_collections.ConfigDict, spec: T
   _check_config(config, spec)
   _, main = make_models(config, spec)
   present = jnp.asarray(batch.present)
-  x, x_full = encode_observed_and_clean(main, params, batch)
+  x, x_full = encode_observed_and_clean(main, params, batch, config.row_chunk)
   out = main.apply({"params": params["emmr"]}, x, _real_steps(batch.step_mask, spec.modalities),
                    present, train=False, method="forward")
   dropped = _real_steps(batch.step_mask, spec.modalities) & ~present[:, main.segment]

@@ -65,7 +65,14 @@ def default_train_config() -> ml_collections.ConfigDict:
       # "missing_rate:0:0.5+sample_gaussian:0:4+clean:0.5".
       train_corruption="method",
       noisy_view_fraction=0.5,  # share of each sample's modalities the sample_* noises hit
+      # Validate on the valid split corrupted once (fixed key) by the train-time corruption, so
+      # that model selection sees the training regime (EMMR trains, validates and tests at one
+      # missing ratio); False: the valid split as given.
+      validate_corrupted=False,
   ))
+
+# fold_in(PRNGKey(seed), VALID_CORRUPTION_STREAM): the key of config.validate_corrupted.
+VALID_CORRUPTION_STREAM = 0x7A1
 
 
 @dataclasses.dataclass
@@ -171,8 +178,9 @@ def fit(
   get no gradient and no optimiser state and leave the stage bit-identical.
 
   Train-time corruption: ``config.train_corruption`` (:func:`train_corruption`) corrupts every
-  training batch of every stage inside the compiled train step, from the step key; validation and
-  evaluation see the splits as given.
+  training batch of every stage inside the compiled train step, from the step key; validation sees
+  the valid split as given or, with ``config.validate_corrupted``, corrupted once by the same
+  corruption with ``fold_in(root, VALID_CORRUPTION_STREAM)`` (the same copy every epoch and stage).
 
   Randomness: ``root = PRNGKey(seed)``; init uses ``fold_in(root, 0)``. Stage 0 (and the implicit
   stage) steps with ``fold_in(fold_in(root, 1), step)`` and shuffles epoch ``e`` with
@@ -195,6 +203,10 @@ def fit(
   metric, mode = _selection(config, dataset.scoring)
   stages = _check_stages(method)
   corruption = train_corruption(method, dataset, config)
+  if config.get("validate_corrupted", False) and corruption is not None:
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), VALID_CORRUPTION_STREAM)
+    valid = jax.tree.map(np.asarray, jax.jit(corruption)(key, dataset.splits["valid"]))
+    dataset = dataclasses.replace(dataset, splits={**dataset.splits, "valid": valid})
   if resume and workdir is None:
     raise ValueError("resume: needs a workdir to resume from")
   run = _Run(dataset, config, mesh, metric, mode, resume, log,

@@ -1,0 +1,76 @@
+"""Row-wise work on the selected rows of a batch only, at static shapes.
+
+A method often needs an expensive row-wise function on a data-dependent subset of the batch (EMMR:
+the ensemble's views only for samples with a missing modality, or only for flagged ones).
+:func:`map_selected` sorts the selected rows first and runs ``fn`` on consecutive chunks of
+``chunk`` rows in a ``lax.scan``; a chunk without a selected row is skipped by ``lax.cond``. The
+work done is ``ceil(count / chunk)`` chunks whatever the batch size, every selected row is
+computed exactly (no capacity to overflow), and the program is differentiable. XLA's cost
+analysis counts the scan body (one chunk) once: multiply by the chunks that run
+(:func:`chunks_run`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def chunks_run(selected: Any, chunk: int) -> int:
+  """Chunks :func:`map_selected` runs for ``selected [G, N]``: ``ceil(max_g count_g / chunk)``."""
+  return int(-(-int(np.asarray(selected).sum(-1).max()) // chunk))
+
+
+def map_selected(fn: Callable[..., Any], selected: jax.Array, chunk: int, *operands: jax.Array,
+                 key: jax.Array | None = None) -> Any:
+  """``fn`` on the selected rows of every group, zeros elsewhere.
+
+  Args:
+    fn: ``fn(*rows, key)`` with every ``rows[i]`` ``[G, chunk, ...]`` (the gathered rows of
+      ``operands[i]``) and ``key`` a PRNG key (``None`` when ``key`` is) -> a pytree of
+      ``[G, chunk, ...]`` arrays. Row-wise: a row's output may depend on that row alone.
+    selected: ``[G, N]`` bool, the rows of each of ``G`` groups to compute.
+    chunk: rows per group per chunk (static).
+    *operands: ``[G, N, ...]`` arrays.
+    key: split per chunk (``fold_in`` of the chunk index), e.g. for dropout.
+
+  Returns:
+    ``fn``'s pytree with ``[G, N, ...]`` leaves: row ``n`` of group ``g`` holds ``fn``'s output for
+    it where ``selected[g, n]``, zeros elsewhere.
+  """
+  num_groups, n = selected.shape
+  for i, x in enumerate(operands):
+    if x.shape[:2] != (num_groups, n):
+      raise ValueError(f"map_selected: operands[{i}] has shape {list(x.shape)}, expected leading "
+                       f"[{num_groups}, {n}] as selected")
+  num_chunks = -(-n // chunk)
+  # Selected rows first (stable), then padded to whole chunks with invalid entries.
+  order = jnp.argsort(~selected, axis=-1, stable=True).astype(jnp.int32)
+  order = jnp.pad(order, [(0, 0), (0, num_chunks * chunk - n)])
+  valid = jnp.pad(jnp.take_along_axis(selected, order[:, :n], axis=-1),
+                  [(0, 0), (0, num_chunks * chunk - n)])
+  order = order.reshape(num_groups, num_chunks, chunk).transpose(1, 0, 2)  # [chunks, G, chunk]
+  valid = valid.reshape(num_groups, num_chunks, chunk).transpose(1, 0, 2)
+  gather = lambda x, idx: jnp.take_along_axis(
+      x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  out_shapes = jax.eval_shape(
+      fn, *[jax.ShapeDtypeStruct((num_groups, chunk) + x.shape[2:], x.dtype) for x in operands],
+      None if key is None else jax.ShapeDtypeStruct(key.shape, key.dtype))
+  zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+
+  def body(carry, xs):
+    j, idx, ok = xs
+    chunk_key = None if key is None else jax.random.fold_in(key, j)
+    rows = [gather(x, idx) for x in operands]
+    out = jax.lax.cond(jnp.any(ok), lambda: fn(*rows, chunk_key), zeros)
+    scatter = lambda acc, y: jax.vmap(lambda a, i, v: a.at[i].add(v))(
+        acc, idx, jnp.where(ok.reshape(ok.shape + (1,) * (y.ndim - 2)), y, 0).astype(acc.dtype))
+    return jax.tree.map(scatter, carry, out), None
+
+  init = jax.tree.map(lambda s: jnp.zeros((num_groups, n) + s.shape[2:], s.dtype), out_shapes)
+  result, _ = jax.lax.scan(body, init, (jnp.arange(num_chunks), order, valid))
+  return result
