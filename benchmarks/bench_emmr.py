@@ -15,12 +15,14 @@ trained; 0: eq. 14, the paper preset). "params": EMMR's parameters (``params["em
 stage 2) and the frozen full-modality network's (``params["pretrained"]``).
 
 "GFLOP" is the work done: XLA's count for the compiled step (in parentheses; stable on a noisy
-machine) counts each scan body once, and the views run in a scan over chunks of the samples that
-need them (:func:`mmjax.methods.emmr.needed_forward`), as many chunks as the batch needs. So the
-work is the count plus, per view scan, the chunks run beyond one times the views' count on one
-chunk (:func:`executed_gflop`; the number of samples with a missing modality and of flagged ones
-read from the loss's ``missing`` / ``key_missing`` terms on one corrupted draw of the batch; the
-re-encoding scan of the loss runs no chunk under ``drop_one``).
+machine) counts each scan body once: TF's encoder-decoder and MMIN's cascade are scans
+(:func:`model_scans`), and the views (and, in the eval step, TF's decoder) run in scans over chunks
+of the samples that need them (:func:`mmjax.methods.emmr.needed_forward`), as many chunks as the
+batch needs. So the work is the count plus, per scan, the iterations run beyond one times its
+body's count (:func:`executed_gflop`, :func:`chunk_scans`; the number of samples with a
+missing modality and of flagged ones read from the loss's ``missing`` / ``key_missing`` terms on
+one corrupted draw of the batch; the re-encoding scan of the loss runs no chunk under
+``drop_one``).
 
   python benchmarks/bench_emmr.py                          # B = 32, d = 64
   python benchmarks/bench_emmr.py --hidden=300 --repeats=3 --warmup=1 --output=/tmp/emmr_perf.md
@@ -29,9 +31,10 @@ re-encoding scan of the loss runs no chunk under ``drop_one``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,9 +67,11 @@ def make_dataset(batch_size: int):
   return data.Dataset("bench", "classification", 3, {s: batch for s in data.SPLITS})
 
 
-def row_chunk_gflop(method_config, spec, params, rows: int, train: bool) -> float:
-  """XLA's GFLOP of EMMR's views (eq. 8-9) on ``rows`` samples: the body of one chunk of
-  :func:`mmjax.methods.emmr.needed_forward`'s scans; with ``train``, forward and backward."""
+def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: bool = True
+                    ) -> float:
+  """XLA's GFLOP of EMMR's views (eq. 8-9; without ``full`` the leave-one-out views only) on
+  ``rows`` samples: the body of one chunk of :func:`mmjax.methods.emmr.needed_forward`'s scans;
+  with ``train``, forward and backward."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
@@ -74,7 +79,7 @@ def row_chunk_gflop(method_config, spec, params, rows: int, train: bool) -> floa
   t = int(sum(main.seq_lens))
   x, real = jnp.zeros((rows, t, main.hidden)), jnp.ones((rows, t), bool)
   views = lambda p, x: sum(jnp.sum(v) for v in main.apply(
-      {"params": p}, x, real, train=False, method="view_logits"))
+      {"params": p}, x, real, train=False, full=full, method="view_logits") if v is not None)
   return shared.step_cost(jax.jit(jax.grad(views, argnums=(0, 1)) if train else views),
                           params["emmr"], x)[0]
 
@@ -92,24 +97,77 @@ def encode_chunk_gflop(method_config, spec, params, batch, rows: int) -> float:
   return shared.step_cost(jax.jit(jax.grad(encode)), params["emmr"])[0]
 
 
-def executed_gflop(compiled: float, metrics: dict[str, float], batch_size: int, chunk: int,
-                   body: dict[str, float], members: int, semantic: bool,
-                   reencoded: tuple[int, float] = (1, 0.0)) -> float:
-  """XLA's count of a step (each scan body once) plus the chunks of the scans that run beyond one
-  (fewer than one: the body is subtracted). ``metrics``: the fractions ``missing`` (samples with a
-  missing modality) and ``key_missing`` (flagged); ``body[n]`` the views' GFLOP on ``n`` samples.
-  The TF member's views scan the incomplete samples unless ``semantic`` (then they run on all,
-  unscanned); the other members' views scan the incomplete (``semantic``) or flagged ones.
-  ``reencoded``: (chunks the loss's re-encoding scan runs, the GFLOP of one; ``(1, 0)``: no scan,
-  as in the eval step)."""
+def decoder_chunk_gflop(method_config, spec, params, rows: int) -> float:
+  """XLA's GFLOP of TF's decoder (eq. 7) on ``rows`` samples, forward: the body of one chunk of
+  :func:`mmjax.methods.emmr.decode_tf_where_missing`'s scan (the eval step's)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
+  from mmjax.nn import apply_half  # pylint: disable=g-import-not-at-top
+  _, main = emmr.make_models(method_config, spec)
+  t = int(sum(main.seq_lens))
+  x, real = jnp.zeros((rows, t, main.hidden)), jnp.ones((rows, t), bool)
+  tf = main.bind({"params": params["emmr"]}).encoder_decoders["tf"]
+  return shared.step_cost(jax.jit(lambda p, x: apply_half(tf, p, 1, x, real)),
+                          tf.variables["params"], x)[0]
+
+
+def model_scans(method_config, spec, params, batch_size: int, train: bool
+                ) -> list[tuple[int, float]]:
+  """The model's own ``nn.scan`` s in a step, as :func:`executed_gflop` takes them:
+  ``(iterations, GFLOP of one)`` for TF's encoder-decoder (2 iterations of one
+  :class:`~mmjax.nn.TransformerEncoder` on ``[B, T, d]``; the train step only: the eval step runs
+  the two halves apart, :func:`mmjax.methods.emmr.decode_tf_where_missing`) and MMIN's cascade
+  (``num_residual_blocks`` :class:`~mmjax.nn.MLPAutoencoder` s on ``[B, M d]``); with ``train``
+  forward and backward."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
+  from mmjax.nn import MLPAutoencoder, apply_half  # pylint: disable=g-import-not-at-top
+  _, main = emmr.make_models(method_config, spec)
+  bound = main.bind({"params": params["emmr"]})
+  cost = lambda f, *args: shared.step_cost(jax.jit(jax.grad(
+      lambda *a: jnp.sum(f(*a)), argnums=tuple(range(len(args)))) if train else f), *args)[0]
+  scans = []
+  if train:
+    tf, t = bound.encoder_decoders["tf"], int(sum(main.seq_lens))
+    real = jnp.ones((batch_size, t), bool)
+    scans.append((2, cost(lambda p, x: apply_half(tf, p, 0, x, real), tf.variables["params"],
+                          jnp.zeros((batch_size, t, main.hidden)))))
+  if "mmin" in main.members:
+    cascade = bound.encoder_decoders["mmin"]
+    block = jax.tree.map(lambda p: p[0], cascade.variables["params"]["blocks"])
+    scans.append((cascade.num_blocks, cost(
+        lambda p, u: MLPAutoencoder(cascade.hidden).apply({"params": p}, u)[1], block,
+        jnp.zeros((batch_size, len(main.modalities) * main.hidden)))))
+  return scans
+
+
+def executed_gflop(compiled: float, scans: Sequence[tuple[int, float]]) -> float:
+  """XLA's count of a step, in which each scan body counts once, plus, for each of the step's scans
+  over chunks of samples given as ``(chunks run, GFLOP of one body)``, the chunks run beyond one
+  (none run: the body is subtracted)."""
+  return compiled + sum((runs - 1) * body for runs, body in scans)
+
+
+def chunk_scans(metrics: dict[str, float], batch_size: int, chunk: int,
+                view_body: Callable[[int, bool], float], members: int, semantic: bool,
+                decoder_body: float | None = None) -> list[tuple[int, float]]:
+  """The scans over chunks of a step of :func:`mmjax.methods.emmr.needed_forward`, as
+  :func:`executed_gflop` takes them. ``metrics``: the fractions ``missing`` (samples with a
+  missing modality) and ``key_missing`` (flagged); ``view_body(n, full)`` the views' GFLOP on
+  ``n`` samples (``full``: with ``L_full``). The TF member's views scan the incomplete samples
+  unless ``semantic`` (then they run on all, unscanned); the other members' views scan the
+  incomplete (``semantic``) or flagged ones (leave-one-out views only); TF's decoder scans the
+  incomplete ones where ``decoder_body`` is given (no ``reconstruct``)."""
   runs = lambda fraction: -(-round(fraction * batch_size) // chunk)
-  total = compiled + (reencoded[0] - 1) * reencoded[1]
-  if not semantic:
-    total += (runs(metrics["missing"]) - 1) * body[chunk]
+  scans = [] if semantic else [(runs(metrics["missing"]), view_body(chunk, True))]
   if members > 1:
     others = metrics["missing"] if semantic else metrics["key_missing"]
-    total += (runs(others) - 1) * body[(members - 1) * chunk]
-  return total
+    scans.append((runs(others), view_body((members - 1) * chunk, semantic)))
+  if decoder_body is not None:
+    scans.append((runs(metrics["missing"]), decoder_body))
+  return scans
 
 
 def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int,
@@ -164,20 +222,24 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
   spec = TaskSpec.from_dataset(dataset)
   members = len(emmr.parse_members(config.model.members))
   chunk = config.model.row_chunk
-  sizes = {chunk, (members - 1) * chunk} - {0}
-  body = lambda train: {n: row_chunk_gflop(config.model, spec, state.params, n, train)
-                        for n in sizes}
+  body = lambda train: functools.cache(
+      lambda n, full: row_chunk_gflop(config.model, spec, state.params, n, train, full))
   semantic = lambda_semantic > 0
   train_body, eval_body = body(True), body(False)
+  decoder_gflop = decoder_chunk_gflop(config.model, spec, state.params, chunk)
   return dict(
       case=case.upper(), hidden=hidden, params=count(state.params["emmr"]),
       lambda_semantic=lambda_semantic, pretrained_params=count(state.params["pretrained"]),
-      train_gflop=executed_gflop(
-          train_gflop, train_metrics, batch_size, chunk, train_body, members, semantic,
-          (-(-int(np.asarray(emmr.changed_rows(train_batch)).sum()) // chunk),
-           encode_chunk_gflop(config.model, spec, state.params, clean, chunk))),
-      eval_gflop={name: executed_gflop(eval_gflop, m, batch_size, chunk, eval_body, members,
-                                       False) for name, m in eval_metrics.items()},
+      # The train step's backward loss reads TF's decoder everywhere (use_backward): no scan.
+      train_gflop=executed_gflop(train_gflop, chunk_scans(
+          train_metrics, batch_size, chunk, train_body, members, semantic) + [
+              (-(-int(np.asarray(emmr.changed_rows(train_batch)).sum()) // chunk),
+               encode_chunk_gflop(config.model, spec, state.params, clean, chunk))]
+          + model_scans(config.model, spec, state.params, batch_size, True)),
+      eval_gflop={name: executed_gflop(eval_gflop, chunk_scans(
+          m, batch_size, chunk, eval_body, members, False, decoder_gflop)
+          + model_scans(config.model, spec, state.params, batch_size, False))
+                  for name, m in eval_metrics.items()},
       compiled_gflop=(train_gflop, eval_gflop),
       missing=train_metrics["missing"], flagged=train_metrics["key_missing"],
       train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,

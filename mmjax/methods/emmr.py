@@ -114,7 +114,7 @@ from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, Stage, TaskSpec, task_loss
 from mmjax.nn import (
     CascadeResidualAutoencoder, MLPAutoencoder, TransformerEncoder, TransformerEncoderDecoder,
-    apply_stacked, map_selected, masked_mean_pool)
+    apply_half, apply_stacked, map_selected, masked_mean_pool)
 
 MEMBERS = ("tf", "ae", "mmin")
 FUSIONS = ("attention", "max", "average")
@@ -348,17 +348,21 @@ class EMMRNetwork(nn.Module):
     return self.encoders([features[m] for m in self.modalities],
                          [masks[m] for m in self.modalities], present) + self.position
 
-  def decode(self, x: jax.Array, real: jax.Array, present: jax.Array, *,
-             train: bool) -> tuple[jax.Array, jax.Array]:
+  def decode(self, x: jax.Array, real: jax.Array, present: jax.Array, *, train: bool,
+             tf_outputs: tuple[jax.Array, jax.Array] | None = None
+             ) -> tuple[jax.Array, jax.Array]:
     """The members' encoder-decoders (eq. 4-7) on ``X [B, T, d]``: ``(f_seq [B, T, d], decoded
     [K, B, T, d])``, ``f_seq`` the TF encoder's output (the backbone), ``decoded`` every member's
-    reconstruction of every step."""
+    reconstruction of every step. ``tf_outputs``: the TF member's ``(f_seq, decoded)`` when the
+    caller computed them (:func:`decode_tf_where_missing`)."""
     observed = real & present[:, self.segment]
     decoded, f_seq = [], None
     if set(self.members) - {"tf"}:
       utterances = self.utterance_vectors(x, observed)  # [B, M, d], missing rows 0
     for e in self.members:
-      if e == "tf":
+      if e == "tf" and tf_outputs is not None:
+        f_seq, d = tf_outputs
+      elif e == "tf":
         f_seq, d = self.encoder_decoders[e](x, observed, real, deterministic=not train)
       else:  # eq. 5-6 across the modalities: [u_1 || ... || u_M] -> its reconstruction
         _, flat = self.encoder_decoders[e](utterances.reshape(utterances.shape[0], -1))
@@ -366,12 +370,13 @@ class EMMRNetwork(nn.Module):
       decoded.append(d)
     return f_seq, jnp.stack(decoded)
 
-  def view_logits(self, recovered: jax.Array, real: jax.Array, *,
-                  train: bool) -> tuple[jax.Array, jax.Array]:
+  def view_logits(self, recovered: jax.Array, real: jax.Array, *, train: bool,
+                  full: bool = True) -> tuple[jax.Array | None, jax.Array]:
     """Eq. 8-9 on recovered inputs ``I [n, T, d]`` with real steps ``[n, T]``: ``L_full [n, C]``
-    and ``L_{-k}`` ``[n, M, C]`` (each on the gathered steps of the other modalities)."""
+    (``None`` without ``full``) and ``L_{-k}`` ``[n, M, C]`` (each on the gathered steps of the
+    other modalities)."""
     index, kept = self.loo_steps()  # [M, L]
-    full = self.full_view(recovered, real, deterministic=not train)
+    full = self.full_view(recovered, real, deterministic=not train) if full else None
     loo = apply_stacked(self.loo_views, len(self.modalities), jnp.moveaxis(recovered[:, index], 1, 0),
                         jnp.moveaxis(real[:, index], 1, 0) & kept[:, None],
                         deterministic=not train)  # [M, n, C]
@@ -465,10 +470,31 @@ def make_models(config: ml_collections.ConfigDict, spec: TaskSpec
   return pretrained, main
 
 
+def decode_tf_where_missing(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
+                            present: jax.Array, *, train: bool, key: jax.Array | None,
+                            chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The TF member's ``(f_seq [B, T, d], decoded [B, T, d])`` with its decoder run only on the
+  samples with a missing modality (chunks of ``chunk``, :func:`mmjax.nn.map_selected`): the
+  recovered input (eq. 7 then :func:`recover`) reads the decoder only on missing steps. ``decoded``
+  is 0 on the complete samples; the encoder (the backbone ``f_seq``) runs on all."""
+  tf = main.bind(variables).encoder_decoders["tf"]
+  params = tf.variables["params"]
+  encoder_key, decoder_key = (None, None) if key is None else jax.random.split(key)
+  observed = real & present[:, main.segment]
+  f_seq = apply_half(tf, params, 0, x, observed, deterministic=not train, key=encoder_key)
+  decode = lambda rows, steps, k: apply_half(tf, params, 1, rows[0], steps[0],
+                                             deterministic=not train, key=k)[None]
+  decoded = map_selected(decode, jnp.any(~present, axis=-1)[None], chunk, f_seq[None], real[None],
+                         key=decoder_key)[0]
+  return f_seq, decoded
+
+
 def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
                    present: jax.Array, *, train: bool, key: jax.Array | None, semantic: bool,
-                   chunk: int) -> dict[str, jax.Array]:
-  """:meth:`EMMRNetwork.forward` computing only the views (eq. 8-9) whose value is used.
+                   chunk: int, reconstruct: bool = True) -> dict[str, jax.Array]:
+  """:meth:`EMMRNetwork.forward` computing only the views (eq. 8-9) whose value is used, and,
+  unless ``reconstruct`` (``decoded`` read on every step: the backward loss), TF's decoder only
+  where its value is used (:func:`decode_tf_where_missing`).
 
   The views are ``(1 + M) K`` Transformer passes per sample, most of the step. Which are needed:
 
@@ -479,27 +505,32 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
   * With ``semantic`` (``lambda_sem > 0``: every view is trained) TF's views run on every sample.
     Without it (eq. 14 exactly, and every evaluation) a view reaches the output and the gradient
     only through the key-missing check and the ensemble (eq. 10-13): TF's views run on the samples
-    with a missing modality (the others are never flagged) and AE's / MMIN's on the flagged ones.
+    with a missing modality (the others are never flagged) and AE's / MMIN's on the flagged ones,
+    their leave-one-out views only (the check reads TF's ``L_full``, the ensemble no member's).
 
   Selected samples run in chunks of ``chunk`` (:func:`mmjax.nn.map_selected`), so the work grows
   with their number, never with a capacity. Outputs as :meth:`EMMRNetwork.forward`'s, equal on
   every value the loss and the prediction read; the view logits (and ``alpha``, ``e_key``,
-  ``r``, ``ensemble_logits``, ``beta``) of samples whose views are not needed are placeholders
-  (zeros or TF's): :func:`diagnostics` runs the full ``forward``.
+  ``r``, ``ensemble_logits``, ``beta``) of samples whose views are not needed, and without
+  ``reconstruct`` TF's ``decoded`` of the complete samples, are placeholders (zeros or TF's):
+  :func:`diagnostics` runs the full ``forward``.
   """
-  keys = list(jax.random.split(key, 4)) if train else [None] * 4
+  keys = list(jax.random.split(key, 5)) if train else [None] * 5
   rngs = lambda k: {} if k is None else {"dropout": k}
-  f_seq, decoded = main.apply(variables, x, real, present, train=train, method="decode",
-                              rngs=rngs(keys[0]))
+  tf_outputs = None if reconstruct else decode_tf_where_missing(
+      main, variables, x, real, present, train=train, key=keys[4], chunk=chunk)
+  f_seq, decoded = main.apply(variables, x, real, present, train=train, tf_outputs=tf_outputs,
+                              method="decode", rngs=rngs(keys[0]))
   recovered = recover(x, decoded, present, main.segment)  # [K, B, T, d]
   b, t = real.shape
 
-  def views(rows, steps, k):  # [G, c, T, d], [G, c, T] -> [G, c, C], [G, c, M, C]
+  def views(rows, steps, k, with_full=True):  # [G, c, T, d], [G, c, T] -> [G, c, C], [G, c, M, C]
     g, c = steps.shape[:2]
     full, loo = main.apply(variables, rows.reshape((g * c,) + rows.shape[2:]),
-                           steps.reshape(g * c, t), train=train, method="view_logits",
-                           rngs=rngs(k))
-    return full.reshape(g, c, -1), loo.reshape((g, c) + loo.shape[1:])
+                           steps.reshape(g * c, t), train=train, full=with_full,
+                           method="view_logits", rngs=rngs(k))
+    loo = loo.reshape((g, c) + loo.shape[1:])
+    return (full.reshape(g, c, -1), loo) if with_full else loo
 
   incomplete = jnp.any(~present, axis=-1)  # [B]
   tf = main.members.index("tf")
@@ -511,12 +542,14 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
   others = [i for i, e in enumerate(main.members) if e != "tf"]
   full = jnp.broadcast_to(full_tf, (len(main.members),) + full_tf.shape[1:])
   loo = jnp.broadcast_to(loo_tf, (len(main.members),) + loo_tf.shape[1:])
-  if others:
+  if others:  # without semantic only their leave-one-out views are read (eq. 10-12)
     need = incomplete if semantic else key_missing_flags(full_tf[0], loo_tf[0], present)
-    full_o, loo_o = map_selected(
-        views, jnp.broadcast_to(need, (len(others), b)), chunk, recovered[np.array(others)],
-        jnp.broadcast_to(real, (len(others), b, t)), key=keys[2])
-    full = full.at[np.array(others)].set(jnp.where(need[None, :, None], full_o, full_tf))
+    out_o = map_selected(
+        functools.partial(views, with_full=semantic), jnp.broadcast_to(need, (len(others), b)), chunk,
+        recovered[np.array(others)], jnp.broadcast_to(real, (len(others), b, t)), key=keys[2])
+    loo_o = out_o[1] if semantic else out_o
+    if semantic:
+      full = full.at[np.array(others)].set(jnp.where(need[None, :, None], out_o[0], full_tf))
     loo = loo.at[np.array(others)].set(jnp.where(need[None, :, None, None], loo_o, loo_tf))
   out = main.apply(variables, full, loo, f_seq, real, present, train=train, method="combine",
                    rngs=rngs(keys[3]))
@@ -647,9 +680,10 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
 
   semantic = config.lambda_semantic > 0  # every view trained: all of them needed in the loss
 
-  def forward(variables, x, real, present, train, key, semantic):
+  def forward(variables, x, real, present, train, key, semantic, reconstruct):
     return needed_forward(main, variables, x, real, present, train=train,
-                          key=key if train else None, semantic=semantic, chunk=config.row_chunk)
+                          key=key if train else None, semantic=semantic, chunk=config.row_chunk,
+                          reconstruct=reconstruct)
 
   def loss(params, state, batch, key, train):
     present = jnp.asarray(batch.present)
@@ -661,7 +695,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     else:
       x = main.apply(variables, batch.features, _observed(batch, present), present,
                      method="encode")
-    out = forward(variables, x, real, present, train, key, semantic)
+    out = forward(variables, x, real, present, train, key, semantic, config.use_backward)
 
     metrics = {"cls": task_loss(out["logits"], batch, spec)}
     total = metrics["cls"]
@@ -702,7 +736,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     variables = {"params": params["emmr"]}
     x = main.apply(variables, batch.features, _observed(batch, present), present, method="encode")
     return forward(variables, x, _real_steps(batch.step_mask, spec.modalities), present, False,
-                   None, False)["logits"]
+                   None, False, False)["logits"]
 
   def trainable_in(stage):
     def trainable(params):

@@ -2,7 +2,7 @@
 a pre-LN Transformer encoder, the encoder-decoders of EMMR's ensemble."""
 
 from mmjax.nn.encoder_decoders import (
-    CascadeResidualAutoencoder, MLPAutoencoder, TransformerEncoderDecoder)
+    CascadeResidualAutoencoder, MLPAutoencoder, TransformerEncoderDecoder, apply_half)
 from mmjax.nn.encoders import PooledEncoder, encode_modalities, masked_mean_pool
 from mmjax.nn.moe import ExpertLayer, MixtureOfExperts
 from mmjax.nn.selected import chunks_run, map_selected

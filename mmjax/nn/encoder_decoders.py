@@ -6,7 +6,8 @@ output, ``D`` the decoder output (the reconstruction ``x'``), ``D`` of ``x``'s s
 
 * :class:`MLPAutoencoder` (AE, eq. 5) and :class:`CascadeResidualAutoencoder` (MMIN / CRA, eq. 6)
   act on every time step on its own (no mixing over time).
-* :class:`TransformerEncoderDecoder` (TF, eq. 7) mixes the steps with self-attention.
+* :class:`TransformerEncoderDecoder` (TF, eq. 7) mixes the steps with self-attention;
+  :func:`apply_half` runs its encoder or its decoder alone.
 """
 
 from __future__ import annotations
@@ -124,3 +125,21 @@ class TransformerEncoderDecoder(nn.Module):
                                          self.dropout_rate, name="encoder_decoder")
     _, (encoded, decoded) = layers(encoder_decoder, x, jnp.stack([encoder_mask, decoder_mask]))
     return encoded, decoded
+
+
+def apply_half(module: TransformerEncoderDecoder, params, half: int, x: jax.Array,
+               mask: jax.Array, *, deterministic: bool = True,
+               key: jax.Array | None = None) -> jax.Array:
+  """The encoder (``half = 0``) or the decoder (``half = 1``) of ``module`` alone.
+
+  ``params``: ``module``'s parameters (the scan's, stacked on the leading axis, sliced at
+  ``half``); ``x [n, T, d]`` and ``mask [n, T]`` (that half's key mask) -> ``[n, T, d]``, equal to
+  that iteration of :meth:`TransformerEncoderDecoder.__call__` (tested). Lets a caller run one half
+  on fewer rows than the other (EMMR's inference decodes only the samples with a missing
+  modality); ``key``: the dropout key when not ``deterministic``.
+  """
+  layer = TransformerEncoder(module.num_layers, module.num_heads, module.mlp_dim,
+                             module.dropout_rate)
+  sliced = jax.tree.map(lambda p: p[half], params["encoder_decoder"])
+  return layer.apply({"params": sliced}, x, mask, deterministic=deterministic,
+                     rngs={} if key is None else {"dropout": key})
