@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mmjax.data import Batch, Dataset
@@ -312,7 +313,9 @@ def test_matched_drop_one_never_drops_two(method, dataset, level):
 def test_paper_literal_teacher_and_backward(method, spec, trained, corrupted):
   """``teacher_input="corrupted"``: ``L_forward`` compares ``F`` with the frozen network's
   ``E_pre`` of the missing-modality input (§3.2); ``backward_members="tf"``: ``L_backward`` is
-  the TF decoder's term alone. Each checked against a recomputation from the parts."""
+  the TF decoder's term alone; ``use_backward=False``: no ``L_backward``, and the classification
+  term (TF's decoder then run only where a modality is missing) equals the full forward's. Each
+  checked against a recomputation from the parts."""
   params, batch = trained.state.params, corrupted
   pretrained, _ = emmr.make_models(_config(), spec)
   present = np.asarray(batch.present)
@@ -336,6 +339,11 @@ def test_paper_literal_teacher_and_backward(method, spec, trained, corrupted):
     members = MEMBERS if teacher == "clean" else ("tf",)
     np.testing.assert_allclose(metrics["backward"],
                                np.mean([metrics[f"backward_{e}"] for e in members]), rtol=1e-6)
+  metrics = loss(build("emmr", _config(use_backward=False), spec), params)
+  logits = emmr.diagnostics(params, batch, _config(), spec)["logits"]
+  assert "backward" not in metrics
+  np.testing.assert_allclose(metrics["cls"], np.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, np.asarray(batch.label))), rtol=1e-5)
 
 
 def test_key_missing_report_by_hand():
