@@ -110,14 +110,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
   base = _CONFIG.value
   dataset, chosen, matched, configs = experiment.exit_on_bad_input(_prepare)(base)
+  train = experiment.exit_on_bad_input(experiment.train)  # e.g. a workdir run under another config
   per_method = {}
   for name, config in configs.items():
     runs = []
     for seed in range(_SEEDS.value):
       config.seed = seed
       workdir = os.path.join(_WORKDIR.value, name, f"seed{seed}")
-      method, _, result = experiment.train(config, workdir, resume=True, dataset=dataset,
-                                           log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
+      method, _, result = train(config, workdir, resume=True, dataset=dataset,
+                                log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
       key = jax.random.PRNGKey(1000 + seed)
       run = robustness.sweep(_predictor(method, result.state, config), dataset.splits["test"],
                              dataset.scoring, chosen, key, split_metrics)
@@ -135,7 +136,7 @@ def main(argv):
           else:  # the noise lives in the model: train, validation and test alike
             level_config.model.representation_noise = float(level)
             level_config.model.representation_noise_type = REPRESENTATION_PROTOCOLS[protocol.name]
-          level_method, _, fitted = experiment.train(
+          level_method, _, fitted = train(
               level_config, level_dir, resume=True, dataset=data,
               method=method if at_input else None,
               log=lambda line: print(f"[{name} s{seed} {label}={level}] {line}"))

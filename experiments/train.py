@@ -31,8 +31,8 @@ def main(argv):
     jax.distributed.initialize()
   config = _CONFIG.value
   dataset, method = experiment.exit_on_bad_input(experiment.prepare)(config)
-  _, _, result = experiment.train(config, _WORKDIR.value, resume=_RESUME.value, dataset=dataset,
-                                  method=method)
+  _, _, result = experiment.exit_on_bad_input(experiment.train)(
+      config, _WORKDIR.value, resume=_RESUME.value, dataset=dataset, method=method)
   test = evaluate(method, result.state, dataset.splits["test"], dataset.scoring,
                   batch_size=config.eval_batch_size)
   print(f"best epoch {result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))

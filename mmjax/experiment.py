@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import os
 import re
 import sys
@@ -16,7 +17,7 @@ import ml_collections
 
 from mmjax import data as data_lib
 from mmjax import methods
-from mmjax.train import FitResult, default_train_config, fit, train_corruption
+from mmjax.train import FitResult, check_workdir, default_train_config, fit, train_corruption
 
 
 def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collections.ConfigDict:
@@ -164,7 +165,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | None, *, resume: boo
   if method is None:
     method = build_method(config, dataset)
   if workdir is not None:
+    saved = os.path.join(workdir, "config.json")
+    if resume and os.path.exists(saved):
+      with open(saved) as f:
+        check_resume_config(json.load(f), config, saved)
+    check_workdir(method, workdir, resume, log=lambda _: None)  # before config.json is written
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(saved, "w") as f:
       f.write(config.to_json(indent=1))
   return method, dataset, fit(method, dataset, config, workdir=workdir, resume=resume, log=log)
+
+
+# Fields a resumed run may change: they extend or show the run, never alter its epochs so far.
+RESUMABLE_FIELDS = ("num_epochs", "patience", "progress")
+
+
+def check_resume_config(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
+  """Refuses to resume the run whose config is ``saved`` (``where``: its file) under ``config``
+  when a field other than :data:`RESUMABLE_FIELDS` differs, naming each such field with its saved
+  and new values: a changed learning rate, seed, data option or model field would continue the
+  old run as another one (or fail inside orbax)."""
+  flatten = lambda d, prefix="": {
+      k2: v2 for k, v in d.items()
+      for k2, v2 in (flatten(v, f"{prefix}{k}.").items() if isinstance(v, dict)
+                     else [(f"{prefix}{k}", v)])}
+  old, new = flatten(saved), flatten(json.loads(config.to_json()))
+  absent = "(absent)"
+  changed = [k for k in sorted(old.keys() | new.keys())
+             if k not in RESUMABLE_FIELDS and old.get(k, absent) != new.get(k, absent)]
+  if changed:
+    diffs = ", ".join(f"{k} {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in changed[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    raise ValueError(
+        f"resume: the config differs from the run's ({where}) in {diffs}{more}; only "
+        f"{', '.join(RESUMABLE_FIELDS)} may change on resume: restore those values, or train "
+        "into a new workdir")

@@ -18,6 +18,14 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def latest_saved_epoch(workdir: str | os.PathLike) -> int | None:
+  """The newest epoch under ``workdir/checkpoints/latest`` (finished saves only: orbax's temporary
+  directories are not integers), ``None`` if none; reads the file system only."""
+  root = os.path.join(os.fspath(workdir), "checkpoints", "latest")
+  epochs = [int(e) for e in os.listdir(root) if e.isdigit()] if os.path.isdir(root) else []
+  return max(epochs, default=None)
+
+
 class Checkpointer:
   """Saves and restores ``(TrainState, bookkeeping dict)`` pairs keyed by epoch."""
 

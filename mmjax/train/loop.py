@@ -34,7 +34,7 @@ from mmjax.data import (
 from mmjax.data import protocols as protocols_lib
 from mmjax.data.train_corruption import describe as describe_corruption
 from mmjax.methods import Method, Stage, default_train_corruption
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.checkpoint import Checkpointer, latest_saved_epoch
 from mmjax.train.sharding import data_mesh, put_batch, replicated, to_host
 from mmjax.train.state import TrainState
 from mmjax.train.steps import compile_steps, mask_optimizer
@@ -213,16 +213,11 @@ def fit(
              None if workdir is None else os.path.join(workdir, "metrics.jsonl"), corruption)
   if corruption is not None:
     log(describe_corruption(corruption))
+  if workdir is not None:
+    check_workdir(method, workdir, resume, log)
   checkpointers = ([] if workdir is None else
                    [Checkpointer(os.path.join(workdir, stage.name)) for stage in stages])
   try:
-    for checkpointer, stage in zip(checkpointers, stages):
-      if not resume and checkpointer.latest_epoch() is not None:
-        # orbax silently skips saving steps <= its latest one: a fresh run here would save nothing.
-        raise ValueError(
-            f"workdir: {os.path.join(workdir, stage.name)} already holds checkpoints up to epoch "
-            f"{checkpointer.latest_epoch()}; pass resume=True to continue that run, or use an "
-            "empty workdir")
     params, method_state = _init_params(method, dataset, config)
     history = []
     for index in range(len(stages)):
@@ -234,6 +229,23 @@ def fit(
     for checkpointer in checkpointers:
       checkpointer.close()
   return dataclasses.replace(result, history=history)
+
+
+def check_workdir(method: Method, workdir: str | os.PathLike, resume: bool,
+                  log: Callable[[str], None] = print) -> None:
+  """Refuses a fresh run (``resume=False``) into a workdir that holds checkpoints (orbax would
+  silently skip saving epochs up to its latest one); with ``resume`` and no checkpoint at all, says
+  in one line that the run starts fresh. Reads the file system only (creates nothing)."""
+  saved = {stage.name: latest_saved_epoch(os.path.join(workdir, stage.name))
+           for stage in _check_stages(method)}
+  saved = {name: epoch for name, epoch in saved.items() if epoch is not None}
+  if saved and not resume:
+    name, epoch = next(iter(saved.items()))
+    raise ValueError(
+        f"workdir: {os.path.join(workdir, name)} already holds checkpoints up to epoch {epoch}; "
+        "pass resume=True (--resume) to continue that run, or use an empty workdir")
+  if resume and not saved:
+    log(f"resume: no checkpoint in {workdir}; training from scratch")
 
 
 @dataclasses.dataclass(frozen=True)
