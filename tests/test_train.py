@@ -13,14 +13,16 @@ import os
 
 import chex
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from mmjax.data import make_synthetic, standardize
-from mmjax.methods import TaskSpec, build, default_model_config
-from mmjax.train import FitResult, data_mesh, default_train_config, evaluate, fit
+from mmjax.methods import Method, TaskSpec, build, default_model_config
+from mmjax.train import (
+    FitResult, TrainingDiverged, data_mesh, default_train_config, evaluate, fit)
 
 NUM_EPOCHS = 3
 
@@ -192,6 +194,22 @@ def test_resume_requires_workdir(method, dataset):
 def test_fresh_run_refuses_used_workdir(reference, method, dataset):
   with pytest.raises(ValueError, match="workdir.*resume=True"):
     fit(method, dataset, _config(), workdir=reference[1], log=_quiet)
+
+
+def test_divergence_stops_at_the_step_and_keeps_the_good_checkpoints(dataset, tmp_path):
+  """Adam (lr 1) moves ``w`` by about 1 per step; the loss is NaN once ``w > 5.5``, i.e. at step 7
+  (``w`` ≈ 6 after 6 steps): epoch 2 of 4 steps. Epoch 1 stays the latest and the best."""
+  loss = lambda params, state, batch, key, train: (
+      (value := (params["w"] - 100.0) ** 2 + jnp.where(params["w"] > 5.5, jnp.nan, 0.0)),
+      ({"loss": value}, state, jnp.broadcast_to(params["w"], batch.label.shape)))
+  toy = Method(name="toy", init=lambda key, batch: ({"w": jnp.zeros(())}, {}), loss=loss,
+               predict=lambda params, state, batch: jnp.broadcast_to(params["w"], batch.label.shape))
+  with pytest.raises(TrainingDiverged, match=r"^training diverged at epoch 2, step 7: loss = nan; "
+                     r"the checkpoints up to epoch 1 are kept"):
+    fit(toy, dataset, _config(learning_rate=1.0, num_epochs=4), workdir=str(tmp_path), log=_quiet)
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["1"]
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "best")) == ["1"]
+  assert [row["epoch"] for row in _read_jsonl(str(tmp_path))] == [1]
 
 
 # ----------------------------------------------------------------------------- early stopping

@@ -317,7 +317,14 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
     batches = iterate_batches(train, config.batch_size, key=jax.random.fold_in(data_key, epoch),
                               drop_remainder=config.drop_remainder, num_devices=mesh.size)
     bar = _ProgressBar(steps, f"{tag}epoch {epoch}", enabled=config.progress)
-    state, train_terms = _train_epoch(train_step, state, batches, mesh, bar)
+    try:
+      state, train_terms = _train_epoch(train_step, state, batches, mesh, bar)
+    except _NonFinite as bad:
+      kept = (f"the checkpoints up to epoch {progress.epoch} are kept"
+              if checkpointer is not None and progress.epoch else "no checkpoint was written")
+      raise TrainingDiverged(
+          f"{tag}training diverged at epoch {epoch}, step {bad.step}: {bad.name} = {bad.value}; "
+          f"{kept}; lower learning_rate or set grad_clip_norm") from None
     valid = evaluate(method, state, run.dataset.splits["valid"], run.dataset.scoring,
                      batch_size=config.eval_batch_size, mesh=mesh, eval_step=eval_step)
     improved = _better(valid[run.metric], progress.best_value, run.mode)
@@ -345,6 +352,19 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
                    best_valid={k[6:]: v for k, v in best_valid.items() if k.startswith("valid/")})
 
 
+class TrainingDiverged(ValueError):
+  """A train step gave a non-finite loss or gradient norm: :func:`fit` stops, naming the stage,
+  epoch and step; the checkpoints of the epochs before stay as they are (a non-finite state is
+  never saved, so never selected)."""
+
+
+@dataclasses.dataclass
+class _NonFinite(Exception):
+  name: str
+  value: float
+  step: int
+
+
 def _train_epoch(train_step: Callable[..., Any], state: TrainState, batches: Any, mesh: Mesh,
                  bar: _ProgressBar) -> tuple[TrainState, dict[str, float]]:
   """``train_step`` over ``batches``; every metric averaged over the valid samples of the epoch."""
@@ -352,7 +372,12 @@ def _train_epoch(train_step: Callable[..., Any], state: TrainState, batches: Any
   for batch in batches:
     state, step_metrics = train_step(state, put_batch(batch, mesh))
     weight = float(batch.valid.sum())
-    for k, v in jax.device_get(step_metrics).items():
+    step_metrics = jax.device_get(step_metrics)
+    for name in ("loss", "grad_norm"):
+      if name in step_metrics and not math.isfinite(float(step_metrics[name])):
+        bar.close()
+        raise _NonFinite(name, float(step_metrics[name]), int(state.step))
+    for k, v in step_metrics.items():
       sums[k] = sums.get(k, 0.0) + weight * float(v)
     sums["_n"] = sums.get("_n", 0.0) + weight
     bar.update()
