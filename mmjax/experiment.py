@@ -27,8 +27,9 @@ def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collectio
   :func:`mmjax.data.load_dataset` spec), ``data_seed`` (synthetic data / split seed),
   ``standardize`` (per-feature z-scoring fitted on train), ``task`` (``"auto"``, or the task the
   data must have: ``"regression"`` / ``"classification"``; sentiment-score files (``mmsa:``,
-  ``sdk:``) are then binned into ``num_classes`` classes, 0 = the loader's default 3), ``model``
-  (the method's hyper-parameters).
+  ``sdk:``) are then binned into ``num_classes`` classes, 0 = the loader's default 3),
+  ``num_classes`` (also the class count of ``npz:`` labels; refused for the other sources, whose
+  classes are their own), ``model`` (the method's hyper-parameters).
   """
   config = default_train_config()
   config.method = method
@@ -97,9 +98,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.task not in ("auto", "regression", "classification"):
     raise ValueError(f"config.task: expected 'auto', 'regression' or 'classification', "
                      f"got {config.task!r}")
-  if config.num_classes not in (0, 2, 3):
-    raise ValueError(f"config.num_classes: expected 0 (loader default), 2 or 3 (binned sentiment "
-                     f"scores), got {config.num_classes!r}")
+  if not isinstance(config.num_classes, int) or config.num_classes < 0 or config.num_classes == 1:
+    raise ValueError(f"config.num_classes: expected 0 (the data's own classes) or a class count "
+                     f">= 2, got {config.num_classes!r}")
   methods.default_model_config(config.method)  # unknown method -> ValueError listing the known ones
 
 
@@ -135,6 +136,15 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   kwargs = {"seed": config.data_seed} if source in ("synthetic", "multiview") else {}
   if source in SCORE_SOURCES and config.task == "classification":
     kwargs.update(task="classification", num_classes=config.num_classes or None)
+  elif source == "npz" and config.num_classes:
+    kwargs.update(task="classification", num_classes=config.num_classes)
+  elif config.num_classes and source in SCORE_SOURCES:  # never ignored silently
+    raise ValueError(f"config.num_classes: binning {source} scores into {config.num_classes} "
+                     "classes needs config.task=classification")
+  elif config.num_classes:
+    raise ValueError(f"config.num_classes: {source!r} data has its own classes, leave it 0 "
+                     f"(it applies to mmsa / sdk score files and npz labels), got "
+                     f"{config.num_classes}")
   dataset = data_lib.load_dataset(config.dataset, **kwargs)
   if config.task not in ("auto", dataset.task):
     raise ValueError(f"config.task: the config expects a {config.task} dataset, but "

@@ -535,6 +535,9 @@ ERROR_CASES = {
         lambda p: (np.savez(p / "bad.npz", x=np.zeros((3, 1, 1))),
                    lambda: load_npz(p / "bad.npz"))[1],
         r"missing key\(s\) \['label', 'split'\]"),
+    "npz 4-D float array": (
+        lambda p: _npz(p, y=np.zeros((3, 2, 2, 2), np.float32)),
+        r"float arrays \{'y': \(3, 2, 2, 2\)\} are not modalities"),
     "npz no train rows": (
         lambda p: _npz(p, split=np.array([1, 2, 2])), r"no sample is in 'train'"),
     "npz corrupt": (

@@ -187,11 +187,14 @@ class Batch:
           f"index: expected int [B] = {(b,)}, got {self.index.dtype}{list(self.index.shape)}")
     if self.label.shape != (b,):
       raise ValueError(f"label: expected shape {(b,)}, got {tuple(self.label.shape)}")
+    if not (jnp.issubdtype(self.label.dtype, jnp.number) or self.label.dtype == bool):
+      raise ValueError(f"label: expected numeric labels, got dtype {self.label.dtype}")
+    if (jnp.issubdtype(self.label.dtype, jnp.floating) and _is_concrete(self.label)
+        and not bool(np.isfinite(np.asarray(self.label)).all())):
+      raise ValueError("label: contains NaN or inf")
     if task == "regression":
       if not jnp.issubdtype(self.label.dtype, jnp.floating):
         raise ValueError(f"label: regression needs float labels, got {self.label.dtype}")
-      if _is_concrete(self.label) and not bool(np.isfinite(np.asarray(self.label)).all()):
-        raise ValueError("label: contains NaN or inf")
     elif task == "classification":
       if not jnp.issubdtype(self.label.dtype, jnp.integer):
         raise ValueError(f"label: classification needs integer labels, got {self.label.dtype}")

@@ -176,7 +176,9 @@ def drop_modalities(key: jax.Array, batch: Batch, missing_rate: Any) -> Batch:
     key: PRNG key.
     batch: ``features[m]`` ``[B, T_m, D_m]``, ``present`` ``[B, M]``.
     missing_rate: scalar or per-sample ``[B]`` in [0, 1] (may be traced); values above
-      ``(M−1)/M`` are clipped to it. 0 is the identity.
+      ``(M−1)/M`` are clipped to it. 0 is the identity. A Python number or concrete array is
+      checked even under ``jit``; a traced value cannot be: outside [0, 1] it acts as its clip to
+      ``[0, (M−1)/M]`` (check it before tracing).
 
   Returns:
     A new batch: dropped modalities have ``present`` False and zero features; ``step_mask`` and

@@ -806,10 +806,14 @@ def _npz_modalities(arrays: Mapping[str, np.ndarray], where: str) -> list[str]:
           f"{where}['modalities']: {names} must be distinct names of feature arrays; not usable: "
           f"{bad}; arrays found: {sorted(arrays)}")
   else:
-    names = sorted(
-        k for k, v in arrays.items()
-        if k not in reserved and not k.endswith("_mask") and v.ndim in (2, 3)
-        and np.issubdtype(v.dtype, np.floating))
+    candidates = {k: v for k, v in arrays.items() if k not in reserved and not k.endswith("_mask")
+                  and np.issubdtype(v.dtype, np.floating)}
+    odd = {k: v.shape for k, v in candidates.items() if v.ndim not in (2, 3)}
+    if odd:  # never dropped silently: a 4-D modality would train without it
+      raise ValueError(
+          f"{where}: float arrays {odd} are not modalities ([N, T, D] or [N, D]); reshape them, "
+          "or name the modalities in a 'modalities' array to leave the others out")
+    names = sorted(candidates)
     if not names:
       raise ValueError(
           f"{where}: no modality arrays (2-D / 3-D float arrays other than label, split, *_mask); "
