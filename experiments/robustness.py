@@ -28,14 +28,13 @@ import os
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mmjax import experiment, robustness
 from mmjax.methods.samlml import REPRESENTATION_PROTOCOLS
 from mmjax.train import predict, split_metrics
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+_CONFIG = experiment.define_config_flag(
+    os.path.join(os.path.dirname(__file__), "configs", "default.py"),
     "Base config; --methods replaces its method (and model defaults).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _METHODS = flags.DEFINE_list("methods", ["euar", "concat"], "Methods to compare.")
@@ -164,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

@@ -8,13 +8,12 @@ import json
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mmjax import experiment
 from mmjax.train import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+_CONFIG = experiment.define_config_flag(
+    os.path.join(os.path.dirname(__file__), "configs", "default.py"),
     "Experiment config file (and :method[,dataset]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
@@ -27,8 +26,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
   if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    experiment.initialize_distributed()
   config = _CONFIG.value
   dataset, method = experiment.exit_on_bad_input(experiment.prepare)(config)
   _, _, result = experiment.exit_on_bad_input(experiment.train)(
@@ -41,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

@@ -102,6 +102,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.num_classes: expected 0 (the data's own classes) or a class count "
                      f">= 2, got {config.num_classes!r}")
   methods.default_model_config(config.method)  # unknown method -> ValueError listing the known ones
+  hidden = config.model.get("hidden")
+  if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+    raise ValueError(f"model.hidden: must be a positive int (the model width), got {hidden!r}")
 
 
 def prepare(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, methods.Method]:
@@ -112,18 +115,72 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[data_lib.Dataset, method
   return dataset, check_method(config, dataset)
 
 
+def _bad_input_exit(message: str) -> None:
+  sys.stderr.write(f"error: {' '.join(message.split())}\n")  # one line
+  sys.exit(2)
+
+
 def exit_on_bad_input(step: Callable[..., object]) -> Callable[..., object]:
-  """Runs ``step``; a ``ValueError``/``FileNotFoundError`` becomes one ``error:`` line and exit 2."""
+  """Runs ``step``; a ``ValueError`` or ``OSError`` (a missing file, a workdir that cannot be
+  written) becomes one ``error:`` line and exit 2."""
 
   @functools.wraps(step)
   def wrapped(*args, **kwargs):
     try:
       return step(*args, **kwargs)
-    except (ValueError, FileNotFoundError) as e:
-      sys.stderr.write(f"error: {e}\n")
-      sys.exit(2)
+    except (ValueError, OSError) as e:  # OSError: e.g. a workdir under a file, or unwritable
+      _bad_input_exit(str(e))
 
   return wrapped
+
+
+def define_config_flag(default: str, help_text: str):
+  """``config_flags.DEFINE_config_file("config", default, help_text)`` for the launchers: an
+  unknown ``--config.<field>`` (ml_collections checks the overrides while the flag is defined) ends
+  in one ``error:`` line with ml_collections' close match, exit code 2."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text)
+  except (AttributeError, KeyError) as e:
+    inner = e
+    while inner.args and isinstance(inner.args[0], BaseException):
+      inner = inner.args[0]
+    text = str(inner.args[0]) if inner.args else str(inner)  # "'name'" [+ "\nDid you mean ...?"]
+    name, _, hint = text.partition("\n")
+    name = name.strip("'\"")
+    given = [a.split("=")[0] for a in sys.argv[1:]
+             if a.startswith("--config.") and a.split("=")[0].split(".")[-1] == name]
+    _bad_input_exit(f"{given[0] if given else '--config'}: unknown config field {name!r}"
+                    + (f"; {hint.strip()}" if hint.strip() else ""))
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` for ``--distributed``; no cluster found is one ``error:``
+  line, exit code 2."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    _bad_input_exit(f"--distributed: jax.distributed.initialize() found no cluster to join ({e}); "
+                    "run it under a cluster scheduler (SLURM, Cloud TPU, ...) or set "
+                    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (``app.run(main, flags_parser=parse_flags)``) with every flag error as one
+  ``error:`` line, exit code 2: a failing config file (e.g. an unknown method) names the flag and
+  the cause, not a traceback. (A missing config file surfaces when the launcher reads the config,
+  inside :func:`exit_on_bad_input`.)"""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    chain = [e]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+      chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    head = str(e).splitlines()[0].rstrip(":")
+    detail = "" if chain[-1] is e else " ".join(str(chain[-1]).split())
+    _bad_input_exit(f"{head}: {detail}" if detail and detail not in head else head)
 
 
 # Sources whose labels are sentiment scores that the loader can bin into classes.

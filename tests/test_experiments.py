@@ -26,11 +26,24 @@ def run(module, *args, cwd=REPO):
     (["--config.model.top_k=0"], "error: model.top_k: must be >= 1, got 0"),
     (["--config.dataset=imagenet:x"], "error: dataset spec 'imagenet:x': unknown source"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    (["--config=experiments/configs/nope.py"],
+     "No such file or directory: 'experiments/configs/nope.py'"),
+    (["--config=experiments/configs/default.py:nope"],
+     "error: flag --config=experiments/configs/default.py:nope: Error whilst parsing config file: "
+     "method: unknown 'nope'"),
+    (["--config.model.hiden=3"],
+     "error: --config.model.hiden: unknown config field 'hiden'; Did you mean \"hidden\""),
+    (["--config.model.hidden=0"], "error: model.hidden: must be a positive int"),
+    (["--distributed"], "error: --distributed: jax.distributed.initialize() found no cluster"),
+    (["--workdir={tmp}/file/run"], "error: [Errno 20] Not a directory"),
 ])
 def test_train_launcher_fails_fast_with_one_line(tmp_path, args, message):
-  result = run("experiments.train", f"--workdir={tmp_path}", *args)
+  (tmp_path / "file").touch()
+  result = run("experiments.train", f"--workdir={tmp_path}", *[a.format(tmp=tmp_path) for a in args])
   assert result.returncode != 0
   assert message in result.stderr
+  if message.startswith("error:"):
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "checkpoints").exists()  # nothing trained
 
