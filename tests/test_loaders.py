@@ -217,6 +217,20 @@ def _cell(views, column):
   return cell
 
 
+@pytest.mark.parametrize("samples_axis", [None, 1])
+def test_multiview_square_view_takes_the_file_orientation(tmp_path, samples_axis):
+  """MSRC-v1-style: a [N, N] kernel view beside a view stored [D, N]; both transposed."""
+  rng = np.random.default_rng(3)
+  oblong, kernel = rng.normal(size=(3, 6)), rng.normal(size=(6, 6))
+  labels = np.array([1, 2, 1, 2, 1, 2])[:, None]
+  ds = _mat(tmp_path, {"X": _cell([oblong, kernel], False), "gt": labels},
+            train_idx=np.arange(6), test_idx=np.arange(0), valid_fraction=0.0,
+            samples_axis=samples_axis)()
+  train = ds.splits["train"]
+  np.testing.assert_allclose(train.features["view0"][:, 0], oblong.T, rtol=1e-6)
+  np.testing.assert_allclose(train.features["view1"][:, 0], kernel.T, rtol=1e-6)
+
+
 def test_multiview_presplit_layout(tmp_path):
   rng = np.random.default_rng(6)
   gt = {"train": np.repeat(np.arange(1, 4), 10), "test": np.repeat(np.arange(1, 4), 2)}
@@ -487,10 +501,18 @@ ERROR_CASES = {
     "mat unknown layout": (
         lambda p: _mat(p, {"features": np.zeros((4, 2)), "labels": np.ones((4, 1))}),
         r"unrecognised multi-view layout; keys found: \['features', 'labels'\]\. Supported"),
-    "mat ambiguous orientation": (
-        lambda p: _mat(p, {"X": _cell([np.zeros((4, 3)), np.zeros((4, 4))], False),
-                           "gt": np.arange(1, 5)[:, None]}),
-        r"\['X'\]\[1\]: shape \(4, 4\) is ambiguous"),
+    "mat square views only": (
+        lambda p: _mat(p, {"X": _cell([np.zeros((4, 4))], False), "gt": np.arange(1, 5)[:, None]}),
+        r"\['X'\]\[0\]: shape \(4, 4\) is ambiguous: .* no other view is oblong; pass "
+        r"samples_axis=0"),
+    "mat square view, others disagree": (
+        lambda p: _mat(p, {"X": _cell([np.zeros((4, 3)), np.zeros((3, 4)), np.zeros((4, 4))],
+                                      False), "gt": np.arange(1, 5)[:, None]}),
+        r"\['X'\]\[2\]: shape \(4, 4\) is ambiguous: .* the other views disagree"),
+    "mat samples_axis contradicted": (
+        lambda p: _mat(p, {"X": _cell([np.zeros((4, 3))], False), "gt": np.arange(1, 5)[:, None]},
+                       samples_axis=1),
+        r"\['X'\]\[0\]: shape \(4, 3\) has no axis 1 \(samples_axis\) matching the 4 labels"),
     "mat view count mismatch": (
         lambda p: _mat(p, {"X": _cell([np.zeros((5, 3))], False), "gt": np.arange(4)[:, None]}),
         r"\['X'\]\[0\]: shape \(5, 3\) has no axis matching the 4 labels"),

@@ -230,6 +230,7 @@ def load_multiview_mat(
     valid_fraction: float = 0.1,
     seed: int = 0,
     view_names: Sequence[str] | None = None,
+    samples_axis: int | None = None,
 ) -> Dataset:
   """Loads a multi-view classification ``.mat`` file (MATLAB v5, the TMC / QMF benchmark format).
 
@@ -242,7 +243,9 @@ def load_multiview_mat(
         set are left out.
 
   Views may be stored ``[N, D]`` or transposed ``[D, N]``: the axis whose length equals the label
-  count is the sample axis (``D == N`` is ambiguous and rejected). Labels ``[N, 1]``, ``[1, N]`` or
+  count is the sample axis. A square ``[N, N]`` view (``D == N``, e.g. MSRC-v1's 210 × 210 kernel
+  view) takes the orientation of the file's other views; where they do not settle it,
+  ``samples_axis`` does. Labels ``[N, 1]``, ``[1, N]`` or
   ``[N]`` become their index among the sorted distinct labels, i.e. the usual 1-based ``1..C`` are
   shifted to ``0..C-1``; ``num_classes`` is the number of distinct labels. ``valid`` is a stratified
   ``valid_fraction`` of the train rows (per class ``round(fraction · n_c)``, at least one row of
@@ -256,6 +259,8 @@ def load_multiview_mat(
     valid_fraction: fraction of each class's train rows moved to ``valid``, in ``[0, 1)``.
     seed: seed of the stratified splits (same seed, same split).
     view_names: modality names, default ``view0 … view{K-1}``.
+    samples_axis: 0 (every view stored ``[N, D]``) or 1 (``[D, N]``); default: per view, the axis
+      of length ``N``.
 
   Returns:
     A classification :class:`Dataset`, one utterance-level modality per view.
@@ -263,7 +268,8 @@ def load_multiview_mat(
   Raises:
     FileNotFoundError: ``path`` or an index file does not exist.
     ValueError: unreadable file, unrecognised layout (lists the keys found and the layouts
-      supported), inconsistent shapes, ambiguous orientation, non-integer labels, bad indices.
+      supported), inconsistent shapes, a square view the other views do not orient (and no
+      ``samples_axis``), non-integer labels, bad indices.
   """
   path = _check_file(path)
   if not 0.0 <= valid_fraction < 1.0:
@@ -276,14 +282,13 @@ def load_multiview_mat(
     if train_idx is not None or test_idx is not None:
       raise ValueError(
           f"{path.name}: train_idx / test_idx do not apply to a pre-split file (keys {keys})")
-    views, raw_labels = [], []
-    for split in ("train", "test"):
-      y = _mat_labels(mat[f"gt_{split}"], f"{path.name}['gt_{split}']")
-      views.append([
-          _oriented_view(mat[f"x{k}_{split}"], y.shape[0], f"{path.name}['x{k}_{split}']")
-          for k in range(1, n_views_presplit + 1)
-      ])
-      raw_labels.append(y)
+    raw_labels = [_mat_labels(mat[f"gt_{split}"], f"{path.name}['gt_{split}']")
+                  for split in ("train", "test")]
+    oriented = _oriented_views(
+        [(mat[f"x{k}_{split}"], y.shape[0], f"{path.name}['x{k}_{split}']")
+         for split, y in zip(("train", "test"), raw_labels)
+         for k in range(1, n_views_presplit + 1)], samples_axis)
+    views = [oriented[:n_views_presplit], oriented[n_views_presplit:]]
     for k, (a, b) in enumerate(zip(*views), start=1):
       if a.shape[1] != b.shape[1]:
         raise ValueError(
@@ -297,10 +302,9 @@ def load_multiview_mat(
     label_key = "gt" if "gt" in mat else "Y"
     raw_labels = _mat_labels(mat[label_key], f"{path.name}[{label_key!r}]")
     n = raw_labels.shape[0]
-    views = [
-        _oriented_view(v, n, f"{path.name}['X'][{k}]")
-        for k, v in enumerate(_cell_entries(mat["X"], f"{path.name}['X']"))
-    ]
+    views = _oriented_views(
+        [(v, n, f"{path.name}['X'][{k}]")
+         for k, v in enumerate(_cell_entries(mat["X"], f"{path.name}['X']"))], samples_axis)
     train_rows, test_rows = _pool_split(path, train_idx, test_idx, raw_labels, rng)
   else:
     raise ValueError(
@@ -672,22 +676,42 @@ def _cell_entries(cell: Any, where: str) -> list[Any]:
   return list(cell.ravel())
 
 
-def _oriented_view(x: Any, n: int, where: str) -> np.ndarray:
-  """A view as float32 ``[N, D]``, transposing a ``[D, N]`` matrix."""
-  if hasattr(x, "toarray"):  # MATLAB sparse matrices load as scipy.sparse
-    x = x.toarray()
-  x = np.asarray(x)
-  if x.ndim != 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-    raise ValueError(f"{where}: expected a numeric 2-D matrix, got {x.dtype} of shape {x.shape}")
-  if x.shape == (n, n):
-    raise ValueError(
-        f"{where}: shape {x.shape} is ambiguous: both axes match the {n} labels, so samples "
-        "cannot be told from features")
-  if x.shape[0] == n:
-    return x.astype(np.float32)
-  if x.shape[1] == n:
-    return x.T.astype(np.float32)
-  raise ValueError(f"{where}: shape {x.shape} has no axis matching the {n} labels")
+def _oriented_views(views: Sequence[tuple[Any, int, str]], samples_axis: int | None
+                    ) -> list[np.ndarray]:
+  """The views ``(matrix, N, where)`` of one file as float32 ``[N, D]``, transposing ``[D, N]``.
+
+  The sample axis of a view is the one of length ``N``; ``samples_axis`` (0 or 1) imposes it on
+  every view. A square ``[N, N]`` view (e.g. a kernel) is ambiguous on its own and takes the
+  orientation of the file's other views when they agree; otherwise it is an error naming the
+  view and ``samples_axis``.
+  """
+  if samples_axis not in (None, 0, 1):
+    raise ValueError(f"samples_axis: expected 0 ([N, D] views), 1 ([D, N]) or None, got "
+                     f"{samples_axis!r}")
+  matrices = []
+  for x, n, where in views:
+    if hasattr(x, "toarray"):  # MATLAB sparse matrices load as scipy.sparse
+      x = x.toarray()
+    x = np.asarray(x)
+    if x.ndim != 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+      raise ValueError(f"{where}: expected a numeric 2-D matrix, got {x.dtype} of shape {x.shape}")
+    if n not in x.shape or (samples_axis is not None and x.shape[samples_axis] != n):
+      axis = "axis" if samples_axis is None else f"axis {samples_axis} (samples_axis)"
+      raise ValueError(f"{where}: shape {x.shape} has no {axis} matching the {n} labels")
+    matrices.append(x)
+  axes = [samples_axis if samples_axis is not None else None if x.shape[0] == x.shape[1]
+          else int(x.shape[1] == n) for x, (_, n, _) in zip(matrices, views)]
+  known = {a for a in axes if a is not None}
+  for i, axis in enumerate(axes):
+    if axis is None:
+      if len(known) != 1:
+        others = "the other views disagree" if known else "no other view is oblong"
+        raise ValueError(
+            f"{views[i][2]}: shape {matrices[i].shape} is ambiguous: both axes match the "
+            f"{views[i][1]} labels and {others}; pass samples_axis=0 (views stored [N, D]) or 1 "
+            "([D, N])")
+      axes[i] = next(iter(known))
+  return [(x.T if axis else x).astype(np.float32) for x, axis in zip(matrices, axes)]
 
 
 def _mat_labels(y: Any, where: str) -> np.ndarray:
