@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import chex
 import jax
@@ -177,6 +178,57 @@ def test_killed_run_resumes_identically(kill, epochs, reference, method, dataset
   assert len(lines) == 1 + NUM_EPOCHS - epochs
   _assert_same_run(result, expected)
   assert _read_jsonl(workdir) == result.history
+
+
+def _largest_file(path):
+  return max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _set_checksum(meta_dir, value):
+  meta = json.loads((meta_dir / "metadata").read_text())
+  (meta_dir / "metadata").write_text(json.dumps(dict(meta, checksum=value)))
+
+
+CORRUPTIONS = {  # applied to checkpoints/latest/<epoch>; the expected reason in the log line
+    "truncated": (lambda c: (f := _largest_file(c / "state" / "d")).write_bytes(
+        f.read_bytes()[:f.stat().st_size // 2]), ""),
+    "zeroed": (lambda c: (f := _largest_file(c / "state" / "d")).write_bytes(
+        bytes(f.stat().st_size)), ""),
+    "bit flip": (lambda c: (f := _largest_file(c / "state" / "d")).write_bytes(
+        (b := bytearray(f.read_bytes())) and bytes(
+            b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 0x10]) + b[len(b) // 2 + 1:])), ""),
+    "corrupt JSON": (lambda c: (c / "meta" / "metadata").write_text("{not json"), ""),
+    "deleted item": (lambda c: shutil.rmtree(c / "state"), ""),
+    "checksum mismatch": (lambda c: _set_checksum(c / "meta", "0" * 64), "(checksum mismatch)"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(corruption, reference, method,
+                                                              dataset, tmp_path):
+  """The finished reference run keeps epochs 2 and 3; epoch 3 corrupted: the resume says so,
+  restores epoch 2, redoes epoch 3 and ends as the uninterrupted run."""
+  expected, source = reference
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  corrupt, reason = CORRUPTIONS[corruption]
+  corrupt(workdir / "checkpoints" / "latest" / str(NUM_EPOCHS))
+  lines = []
+  result = fit(method, dataset, _config(), workdir=str(workdir), resume=True, log=lines.append)
+  assert lines[0].startswith(f"checkpoint {workdir / 'checkpoints' / 'latest' / '3'} is unusable")
+  assert reason in lines[0] and lines[0].endswith("falling back to the previous one")
+  assert lines[1].startswith(f"resumed after epoch {NUM_EPOCHS - 1}")
+  _assert_same_run(result, expected)
+
+
+def test_no_usable_checkpoint_is_one_error(reference, method, dataset, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference[1], workdir)
+  for epoch in (NUM_EPOCHS - 1, NUM_EPOCHS):
+    _set_checksum(workdir / "checkpoints" / "latest" / str(epoch) / "meta", "0" * 64)
+  with pytest.raises(ValueError, match=r"checkpoints: no usable checkpoint in .*latest \(epoch 3: "
+                     r"checksum mismatch; epoch 2: checksum mismatch\)"):
+    fit(method, dataset, _config(), workdir=str(workdir), resume=True, log=_quiet)
 
 
 def test_resume_without_checkpoint_starts_fresh(reference, method, dataset, tmp_path):

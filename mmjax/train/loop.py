@@ -296,13 +296,13 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
   # Host copy (the step donates the device buffers); stays the start state if no epoch improves.
   best_state = jax.device_get(state)
   if run.resume:
-    restored = checkpointer.restore_latest(state)
+    restored = checkpointer.restore_latest(state, log=lambda line: run.log(tag + line))
     if restored is not None:
       state, meta = restored
       progress = _Bookkeeping(**meta)
-      best = checkpointer.restore_best(state)
+      best = checkpointer.restore_best(state, progress.best_epoch, upto=progress.epoch)
       if best is not None:
-        best_state = jax.device_get(best[0])
+        best_state = jax.device_get(best)
       run.log(f"{tag}resumed after epoch {progress.epoch} (step {int(state.step)})")
   if run.jsonl is not None:  # the restored epochs, or none: drops lines of epochs never saved
     _write_jsonl(run.jsonl, earlier + progress.history)
