@@ -17,7 +17,8 @@ import ml_collections
 
 from mmjax import data as data_lib
 from mmjax import methods
-from mmjax.train import FitResult, check_workdir, default_train_config, fit, train_corruption
+from mmjax.train import (
+    FitResult, TrainingInterrupted, check_workdir, default_train_config, fit, train_corruption)
 
 
 def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collections.ConfigDict:
@@ -122,7 +123,9 @@ def _bad_input_exit(message: str) -> None:
 
 def exit_on_bad_input(step: Callable[..., object]) -> Callable[..., object]:
   """Runs ``step``; a ``ValueError`` or ``OSError`` (a missing file, a workdir that cannot be
-  written) becomes one ``error:`` line and exit 2."""
+  written) becomes one ``error:`` line and exit 2; a run stopped by SIGTERM / SIGINT
+  (:class:`~mmjax.train.TrainingInterrupted`, its state saved) one line saying how to resume and
+  exit ``128 + signal``."""
 
   @functools.wraps(step)
   def wrapped(*args, **kwargs):
@@ -130,6 +133,9 @@ def exit_on_bad_input(step: Callable[..., object]) -> Callable[..., object]:
       return step(*args, **kwargs)
     except (ValueError, OSError) as e:  # OSError: e.g. a workdir under a file, or unwritable
       _bad_input_exit(str(e))
+    except TrainingInterrupted as e:  # saved; the line says how to resume
+      sys.stderr.write(f"{e}\n")
+      sys.exit(128 + e.signum)
 
   return wrapped
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 
 import chex
 import jax
@@ -23,7 +24,7 @@ import pytest
 from mmjax.data import make_synthetic, standardize
 from mmjax.methods import Method, TaskSpec, build, default_model_config
 from mmjax.train import (
-    FitResult, TrainingDiverged, data_mesh, default_train_config, evaluate, fit)
+    FitResult, TrainingDiverged, TrainingInterrupted, data_mesh, default_train_config, evaluate, fit)
 
 NUM_EPOCHS = 3
 
@@ -229,6 +230,31 @@ def test_no_usable_checkpoint_is_one_error(reference, method, dataset, tmp_path)
   with pytest.raises(ValueError, match=r"checkpoints: no usable checkpoint in .*latest \(epoch 3: "
                      r"checksum mismatch; epoch 2: checksum mismatch\)"):
     fit(method, dataset, _config(), workdir=str(workdir), resume=True, log=_quiet)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_at_the_next_step_and_resumes_identically(signum, reference, method, dataset,
+                                                               tmp_path):
+  """The signal arrives while epoch 1 is logged: the run stops after the next step (step 5, the
+  first of epoch 2), saved; the resume continues inside epoch 2 and ends as the uninterrupted run."""
+  expected, _ = reference
+
+  def log(line):
+    if line.startswith("epoch   1"):
+      os.kill(os.getpid(), signum)
+
+  previous = signal.getsignal(signum)
+  with pytest.raises(TrainingInterrupted, match=rf"^interrupted by {signum.name} at epoch 2, step 5: "
+                     r"saved under .*; resume with --resume"):
+    fit(method, dataset, _config(), workdir=str(tmp_path), log=log)
+  assert signal.getsignal(signum) is previous  # handlers put back
+  lines = []
+  result = fit(method, dataset, _config(), workdir=str(tmp_path), resume=True, log=lines.append)
+  assert lines[:2] == ["resumed after epoch 1 (step 4)",
+                       "continuing epoch 2 after step 5 (1 of its steps done before the interruption)"]
+  _assert_same_run(result, expected)
+  assert _read_jsonl(str(tmp_path)) == result.history
+  assert not os.listdir(tmp_path / "checkpoints" / "interrupted")  # cleared once epoch 2 is saved
 
 
 def test_resume_without_checkpoint_starts_fresh(reference, method, dataset, tmp_path):

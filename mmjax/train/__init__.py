@@ -2,8 +2,8 @@
 
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.loop import (
-    FitResult, TrainingDiverged, check_workdir, default_train_config, evaluate, fit, init_state,
-    make_optimizer, predict, split_metrics, train_corruption)
+    FitResult, TrainingDiverged, TrainingInterrupted, check_workdir, default_train_config,
+    evaluate, fit, init_state, make_optimizer, predict, split_metrics, train_corruption)
 from mmjax.train.sharding import data_mesh, put_batch
 from mmjax.train.state import TrainState
 from mmjax.train.steps import compile_steps, make_eval_step, make_train_step, mask_optimizer

@@ -23,10 +23,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def latest_saved_epoch(workdir: str | os.PathLike) -> int | None:
-  """The newest epoch under ``workdir/checkpoints/latest`` (finished saves only: orbax's temporary
-  directories are not integers), ``None`` if none; reads the file system only."""
-  root = os.path.join(os.fspath(workdir), "checkpoints", "latest")
+def latest_saved_epoch(workdir: str | os.PathLike, kind: str = "latest") -> int | None:
+  """The newest epoch (step for ``kind="interrupted"``) under ``workdir/checkpoints/<kind>``
+  (finished saves only: orbax's temporary directories are not integers), ``None`` if none; reads
+  the file system only."""
+  root = os.path.join(os.fspath(workdir), "checkpoints", kind)
   epochs = [int(e) for e in os.listdir(root) if e.isdigit()] if os.path.isdir(root) else []
   return max(epochs, default=None)
 
@@ -56,6 +57,10 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=2, **options))
     self._best = ocp.CheckpointManager(
         os.path.join(self.root, "best"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+    # The state after the step at which a signal stopped the run, keyed by that step.
+    self._interrupted = ocp.CheckpointManager(
+        os.path.join(self.root, "interrupted"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
 
   def save(self, epoch: int, state: Any, meta: dict[str, Any], *, best: bool) -> None:
@@ -132,9 +137,29 @@ class Checkpointer:
         f"checkpoints: the best state (epoch {epoch}) has no usable copy in {self.root} "
         f"({'; '.join(reasons) or 'not kept'}); train again into a new workdir")
 
+  def save_interrupted(self, state: Any, meta: dict[str, Any]) -> None:
+    """Saves the mid-epoch ``state`` of a run stopped by a signal (``meta``: the epoch, its steps
+    done, the metric sums so far), keyed by the step; replaces an earlier one."""
+    self.clear_interrupted()
+    self._interrupted.save(int(jax.device_get(state.step)), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(dict(meta, checksum=state_checksum(state)))))
+    self._interrupted.wait_until_finished()
+
+  def restore_interrupted(self, like: Any) -> tuple[Any, dict[str, Any]] | None:
+    """The verified mid-epoch checkpoint of :meth:`save_interrupted`, or ``None`` (none, or
+    unusable: the run then redoes that epoch from its start)."""
+    step = self._interrupted.latest_step()
+    return None if step is None else self._verified(self._interrupted, step, like)[0]
+
+  def clear_interrupted(self) -> None:
+    for step in self._interrupted.all_steps():
+      self._interrupted.delete(step)
+
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+    self._interrupted.close()
 
   @staticmethod
   def _verified(manager: ocp.CheckpointManager, epoch: int, like: Any):

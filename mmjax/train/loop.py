@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -210,7 +213,8 @@ def fit(
   if resume and workdir is None:
     raise ValueError("resume: needs a workdir to resume from")
   run = _Run(dataset, config, mesh, metric, mode, resume, log,
-             None if workdir is None else os.path.join(workdir, "metrics.jsonl"), corruption)
+             None if workdir is None else os.path.join(workdir, "metrics.jsonl"), corruption,
+             _StopRequest())
   if corruption is not None:
     log(describe_corruption(corruption))
   if workdir is not None:
@@ -218,6 +222,8 @@ def fit(
   checkpointers = ([] if workdir is None else
                    [Checkpointer(os.path.join(workdir, stage.name)) for stage in stages])
   try:
+    if workdir is not None:  # somewhere to save: SIGTERM / SIGINT stop at the next step boundary
+      run.stop.install()
     params, method_state = _init_params(method, dataset, config)
     history = []
     for index in range(len(stages)):
@@ -226,9 +232,44 @@ def fit(
       history = history + result.history
       params, method_state = result.state.params, result.state.method_state
   finally:
+    run.stop.uninstall()
     for checkpointer in checkpointers:
       checkpointer.close()
   return dataclasses.replace(result, history=history)
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM or SIGINT reached :func:`fit`: the state after the current step was saved (the
+  message says where and how to resume); ``signum`` is the signal's number."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopRequest:
+  """Remembers a SIGTERM / SIGINT during :func:`fit` (handlers in the main thread only; the
+  previous ones are put back after), acted on at the next step boundary."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> None:
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._remember)
+
+  def uninstall(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _remember(self, signum, frame) -> None:
+    del frame
+    self.signum = signum
 
 
 def check_workdir(method: Method, workdir: str | os.PathLike, resume: bool,
@@ -239,11 +280,15 @@ def check_workdir(method: Method, workdir: str | os.PathLike, resume: bool,
   saved = {stage.name: latest_saved_epoch(os.path.join(workdir, stage.name))
            for stage in _check_stages(method)}
   saved = {name: epoch for name, epoch in saved.items() if epoch is not None}
-  if saved and not resume:
-    name, epoch = next(iter(saved.items()))
+  interrupted = [stage.name for stage in _check_stages(method)
+                 if latest_saved_epoch(os.path.join(workdir, stage.name), "interrupted")]
+  if (saved or interrupted) and not resume:
+    name, epoch = next(iter(saved.items())) if saved else (interrupted[0], 0)
     raise ValueError(
-        f"workdir: {os.path.join(workdir, name)} already holds checkpoints up to epoch {epoch}; "
-        "pass resume=True (--resume) to continue that run, or use an empty workdir")
+        f"workdir: {os.path.join(workdir, name)} already holds checkpoints up to epoch {epoch}"
+        f"{' and an interrupted epoch' if interrupted else ''}; pass resume=True (--resume) to "
+        "continue that run, or use an empty workdir")
+  saved = saved or interrupted
   if resume and not saved:
     log(f"resume: no checkpoint in {workdir}; training from scratch")
 
@@ -261,6 +306,7 @@ class _Run:
   log: Callable[[str], None]
   jsonl: str | None  # metrics.jsonl, or None without a workdir
   corruption: TrainCorruption | None  # train-time corruption of every training batch
+  stop: _StopRequest  # a signal asking fit to save and stop
 
 
 def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int, params: Any,
@@ -304,6 +350,14 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
       if best is not None:
         best_state = jax.device_get(best)
       run.log(f"{tag}resumed after epoch {progress.epoch} (step {int(state.step)})")
+  partial = None  # (steps done, metric sums) of an epoch interrupted by a signal
+  if run.resume:
+    interrupted = checkpointer.restore_interrupted(state)
+    if interrupted is not None and interrupted[1]["epoch"] == progress.epoch + 1:
+      state, meta = interrupted
+      partial = (meta["steps_done"], meta["sums"])
+      run.log(f"{tag}continuing epoch {meta['epoch']} after step {int(state.step)} "
+              f"({meta['steps_done']} of its steps done before the interruption)")
   if run.jsonl is not None:  # the restored epochs, or none: drops lines of epochs never saved
     _write_jsonl(run.jsonl, earlier + progress.history)
 
@@ -317,8 +371,19 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
     batches = iterate_batches(train, config.batch_size, key=jax.random.fold_in(data_key, epoch),
                               drop_remainder=config.drop_remainder, num_devices=mesh.size)
     bar = _ProgressBar(steps, f"{tag}epoch {epoch}", enabled=config.progress)
+    if partial is not None:
+      batches = itertools.islice(batches, partial[0], None)
     try:
-      state, train_terms = _train_epoch(train_step, state, batches, mesh, bar)
+      state, train_terms = _train_epoch(train_step, state, batches, mesh, bar, run.stop,
+                                        partial)
+    except _Interrupted as stopped:
+      checkpointer.save_interrupted(stopped.state, {"epoch": epoch, "steps_done": stopped.done,
+                                                    "sums": stopped.sums})
+      name = signal.Signals(run.stop.signum).name
+      raise TrainingInterrupted(
+          f"{tag}interrupted by {name} at epoch {epoch}, step {int(stopped.state.step)}: saved "
+          f"under {checkpointer.root}; resume with --resume (fit(..., resume=True)) and the same "
+          "config", run.stop.signum) from None
     except _NonFinite as bad:
       kept = (f"the checkpoints up to epoch {progress.epoch} are kept"
               if checkpointer is not None and progress.epoch else "no checkpoint was written")
@@ -344,8 +409,10 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
     progress.epoch = epoch
     progress.history.append(record)
     run.log(tag + _epoch_line(record, run.metric, improved))
+    partial = None
     if checkpointer is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
       checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved or tied)
+      checkpointer.clear_interrupted()
       _write_jsonl(run.jsonl, [record], mode="a")
   best_valid = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
   return FitResult(state=best_state, history=progress.history, best_epoch=progress.best_epoch,
@@ -365,10 +432,22 @@ class _NonFinite(Exception):
   step: int
 
 
+@dataclasses.dataclass
+class _Interrupted(Exception):
+  state: TrainState
+  done: int  # steps of the epoch done
+  sums: dict[str, float]
+
+
 def _train_epoch(train_step: Callable[..., Any], state: TrainState, batches: Any, mesh: Mesh,
-                 bar: _ProgressBar) -> tuple[TrainState, dict[str, float]]:
-  """``train_step`` over ``batches``; every metric averaged over the valid samples of the epoch."""
-  sums: dict[str, float] = {}
+                 bar: _ProgressBar, stop: _StopRequest,
+                 partial: tuple[int, dict[str, float]] | None = None
+                 ) -> tuple[TrainState, dict[str, float]]:
+  """``train_step`` over ``batches``; every metric averaged over the valid samples of the epoch.
+
+  ``partial``: ``(steps done, sums)`` of the epoch so far (``batches`` then holds the rest). After
+  a step with ``stop.signum`` set, raises :class:`_Interrupted` with what ``partial`` needs."""
+  done, sums = (0, {}) if partial is None else (partial[0], dict(partial[1]))
   for batch in batches:
     state, step_metrics = train_step(state, put_batch(batch, mesh))
     weight = float(batch.valid.sum())
@@ -380,7 +459,11 @@ def _train_epoch(train_step: Callable[..., Any], state: TrainState, batches: Any
     for k, v in step_metrics.items():
       sums[k] = sums.get(k, 0.0) + weight * float(v)
     sums["_n"] = sums.get("_n", 0.0) + weight
+    done += 1
     bar.update()
+    if stop.signum is not None:
+      bar.close()
+      raise _Interrupted(state, done, sums)
   bar.close()
   n = sums.pop("_n")
   return state, {k: v / n for k, v in sums.items()}
