@@ -212,6 +212,10 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   if config.task not in ("auto", dataset.task):
     raise ValueError(f"config.task: the config expects a {config.task} dataset, but "
                      f"{config.dataset!r} is {dataset.task}")
+  for split in ("valid", "test"):  # model selection and the reported metrics need samples
+    if dataset.splits[split].batch_size == 0:
+      raise ValueError(f"dataset: {config.dataset!r} has no {split} samples; the launchers "
+                       f"select on 'valid' and report on 'test', so give both some rows")
   return data_lib.standardize(dataset) if config.standardize else dataset
 
 

@@ -10,10 +10,9 @@ from mmjax.data import Batch
 FEATURES = {"a": np.zeros((2, 3, 4), np.float32)}
 
 
-def _npz_config(tmp_path, num_classes):
+def _npz_config(tmp_path, num_classes, split=(0, 0, 0, 0, 1, 2)):
   x = np.random.default_rng(0).normal(size=(6, 2, 3)).astype(np.float32)
-  np.savez(tmp_path / "d.npz", x=x, label=np.array([0, 1, 2, 3, 4, 0]),
-           split=np.array([0, 0, 0, 0, 1, 2]))
+  np.savez(tmp_path / "d.npz", x=x, label=np.array([0, 1, 2, 3, 4, 0]), split=np.array(split))
   config = experiment.get_config("concat", f"npz:{tmp_path / 'd.npz'}")
   config.num_classes = num_classes
   return config
@@ -31,6 +30,8 @@ def _npz_config(tmp_path, num_classes):
     (lambda p: experiment.load_data(_with(experiment.get_config("concat", "mmsa:/x.pkl"),
                                           num_classes=2)),
      "config.num_classes: binning mmsa scores into 2 classes needs config.task=classification"),
+    (lambda p: experiment.load_data(_npz_config(p, 0, split=(0, 0, 0, 0, 0, 2))),
+     "dataset: 'npz:.*d.npz' has no valid samples"),
     (lambda p: experiment.check_config(_with(experiment.get_config("concat"), num_classes=1)),
      "config.num_classes: expected 0 .* or a class count >= 2, got 1"),
 ])
