@@ -8,6 +8,7 @@ other runs are compared against.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -230,6 +231,21 @@ def test_no_usable_checkpoint_is_one_error(reference, method, dataset, tmp_path)
   with pytest.raises(ValueError, match=r"checkpoints: no usable checkpoint in .*latest \(epoch 3: "
                      r"checksum mismatch; epoch 2: checksum mismatch\)"):
     fit(method, dataset, _config(), workdir=str(workdir), resume=True, log=_quiet)
+
+
+def test_disk_full_names_the_intact_checkpoint_and_resumes(reference, method, dataset, tmp_path,
+                                                          monkeypatch):
+  def no_space(self, step, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  fit(method, dataset, _config(num_epochs=1), workdir=str(tmp_path), log=_quiet)
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, "save", no_space)
+    with pytest.raises(OSError, match=r"the checkpoint of epoch 2 could not be written \(No space "
+                       r"left on device\); epoch 1 in .*latest is intact; free space and resume"):
+      fit(method, dataset, _config(), workdir=str(tmp_path), resume=True, log=_quiet)
+  _assert_same_run(fit(method, dataset, _config(), workdir=str(tmp_path), resume=True, log=_quiet),
+                   reference[0])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -411,7 +411,13 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
     run.log(tag + _epoch_line(record, run.metric, improved))
     partial = None
     if checkpointer is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
-      checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved or tied)
+      try:
+        checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved or tied)
+      except OSError as e:  # e.g. disk full: orbax renames complete saves only
+        kept = (f"epoch {epoch - 1} in {os.path.join(checkpointer.root, 'latest')} is intact"
+                if epoch > 1 else "no earlier checkpoint")
+        raise OSError(e.errno, f"{tag}the checkpoint of epoch {epoch} could not be written "
+                      f"({e.strerror or e}); {kept}; free space and resume with --resume") from e
       checkpointer.clear_interrupted()
       _write_jsonl(run.jsonl, [record], mode="a")
   best_valid = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
