@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -203,13 +204,18 @@ def test_classification_config_bins_score_files(monkeypatch, num_classes, expect
   config.update(task="classification", num_classes=num_classes, standardize=False)
   experiment.load_data(config)
   config.dataset = "multiview:/data/x.mat"
-  experiment.load_data(config)
-  assert calls == [("mmsa:/data/aligned_50.pkl", {"task": "classification", "num_classes": expected}),
-                   ("multiview:/data/x.mat", {"seed": 0})]
+  if num_classes:  # a .mat file has its own classes: refused, never ignored
+    with pytest.raises(ValueError, match="config.num_classes: 'multiview' data has its own"):
+      experiment.load_data(config)
+  else:
+    experiment.load_data(config)
+  assert calls == [("mmsa:/data/aligned_50.pkl", {"task": "classification", "num_classes": expected})
+                   ] + ([] if num_classes else [("multiview:/data/x.mat", {"seed": 0})])
 
 
 class _FakeDataset:
   task = "classification"
+  splits = {split: types.SimpleNamespace(batch_size=1) for split in ("train", "valid", "test")}
 
 
 PAPER_CONFIGS = ("euar", "ease", "concat", "late_fusion", "late_fusion_joint", "emmr",
