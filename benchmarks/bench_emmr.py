@@ -145,8 +145,8 @@ def model_scans(method_config, spec, params, batch_size: int, train: bool
 
 def executed_gflop(compiled: float, scans: Sequence[tuple[int, float]]) -> float:
   """XLA's count of a step, in which each scan body counts once, plus, for each of the step's scans
-  over chunks of samples given as ``(chunks run, GFLOP of one body)``, the chunks run beyond one
-  (none run: the body is subtracted)."""
+  given as ``(iterations run, GFLOP of one body)`` (:func:`chunk_scans`, :func:`model_scans`), the
+  iterations beyond one (none run: the body is subtracted)."""
   return compiled + sum((runs - 1) * body for runs, body in scans)
 
 
@@ -178,6 +178,7 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
   import jax  # pylint: disable=g-import-not-at-top
   from mmjax import data, experiment, train  # pylint: disable=g-import-not-at-top
   from mmjax.methods import TaskSpec, emmr  # pylint: disable=g-import-not-at-top
+  from mmjax.nn import chunks_run  # pylint: disable=g-import-not-at-top
   from mmjax.train.sharding import replicated  # pylint: disable=g-import-not-at-top
   from mmjax.train.steps import mask_optimizer  # pylint: disable=g-import-not-at-top
   config = experiment.get_config("emmr")
@@ -227,18 +228,18 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
   semantic = lambda_semantic > 0
   train_body, eval_body = body(True), body(False)
   decoder_gflop = decoder_chunk_gflop(config.model, spec, state.params, chunk)
+  eval_model_scans = model_scans(config.model, spec, state.params, batch_size, False)
   return dict(
       case=case.upper(), hidden=hidden, params=count(state.params["emmr"]),
       lambda_semantic=lambda_semantic, pretrained_params=count(state.params["pretrained"]),
       # The train step's backward loss reads TF's decoder everywhere (use_backward): no scan.
       train_gflop=executed_gflop(train_gflop, chunk_scans(
           train_metrics, batch_size, chunk, train_body, members, semantic) + [
-              (-(-int(np.asarray(emmr.changed_rows(train_batch)).sum()) // chunk),
+              (chunks_run(np.asarray(emmr.changed_rows(train_batch))[None], chunk),
                encode_chunk_gflop(config.model, spec, state.params, clean, chunk))]
           + model_scans(config.model, spec, state.params, batch_size, True)),
       eval_gflop={name: executed_gflop(eval_gflop, chunk_scans(
-          m, batch_size, chunk, eval_body, members, False, decoder_gflop)
-          + model_scans(config.model, spec, state.params, batch_size, False))
+          m, batch_size, chunk, eval_body, members, False, decoder_gflop) + eval_model_scans)
                   for name, m in eval_metrics.items()},
       compiled_gflop=(train_gflop, eval_gflop),
       missing=train_metrics["missing"], flagged=train_metrics["key_missing"],

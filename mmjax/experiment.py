@@ -181,11 +181,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    chain = [e]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-      chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    cause = e  # the root of the chain: e.g. the ValueError a config file raised
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
     head = str(e).splitlines()[0].rstrip(":")
-    detail = "" if chain[-1] is e else " ".join(str(chain[-1]).split())
+    detail = "" if cause is e else " ".join(str(cause).split())
     _bad_input_exit(f"{head}: {detail}" if detail and detail not in head else head)
 
 

@@ -547,9 +547,11 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
     out_o = map_selected(
         functools.partial(views, with_full=semantic), jnp.broadcast_to(need, (len(others), b)), chunk,
         recovered[np.array(others)], jnp.broadcast_to(real, (len(others), b, t)), key=keys[2])
-    loo_o = out_o[1] if semantic else out_o
     if semantic:
-      full = full.at[np.array(others)].set(jnp.where(need[None, :, None], out_o[0], full_tf))
+      full_o, loo_o = out_o
+      full = full.at[np.array(others)].set(jnp.where(need[None, :, None], full_o, full_tf))
+    else:
+      loo_o = out_o
     loo = loo.at[np.array(others)].set(jnp.where(need[None, :, None, None], loo_o, loo_tf))
   out = main.apply(variables, full, loo, f_seq, real, present, train=train, method="combine",
                    rngs=rngs(keys[3]))

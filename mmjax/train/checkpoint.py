@@ -171,10 +171,11 @@ class Checkpointer:
       state, meta = restored["state"], dict(restored["meta"])
     except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore / JSON errors)
       return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    host = jax.device_get(state)  # one transfer for the checksum and the finite check
     saved = meta.pop("checksum", None)
-    if saved is not None and saved != state_checksum(state):
+    if saved is not None and saved != state_checksum(host):
       return None, "checksum mismatch"
-    floats = [x for x in jax.tree.leaves(jax.device_get(state))
+    floats = [x for x in jax.tree.leaves(host)
               if jax.dtypes.issubdtype(getattr(x, "dtype", None), np.floating)]
     if not all(np.isfinite(np.asarray(x)).all() for x in floats):
       return None, "non-finite values"

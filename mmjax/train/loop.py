@@ -277,19 +277,16 @@ def check_workdir(method: Method, workdir: str | os.PathLike, resume: bool,
   """Refuses a fresh run (``resume=False``) into a workdir that holds checkpoints (orbax would
   silently skip saving epochs up to its latest one); with ``resume`` and no checkpoint at all, says
   in one line that the run starts fresh. Reads the file system only (creates nothing)."""
-  saved = {stage.name: latest_saved_epoch(os.path.join(workdir, stage.name))
-           for stage in _check_stages(method)}
-  saved = {name: epoch for name, epoch in saved.items() if epoch is not None}
-  interrupted = [stage.name for stage in _check_stages(method)
-                 if latest_saved_epoch(os.path.join(workdir, stage.name), "interrupted")]
-  if (saved or interrupted) and not resume:
-    name, epoch = next(iter(saved.items())) if saved else (interrupted[0], 0)
+  dirs = [os.path.join(workdir, stage.name) for stage in _check_stages(method)]
+  epochs = [(d, latest_saved_epoch(d)) for d in dirs if latest_saved_epoch(d) is not None]
+  interrupted = [d for d in dirs if latest_saved_epoch(d, "interrupted") is not None]
+  if (epochs or interrupted) and not resume:
+    where, epoch = epochs[0] if epochs else (interrupted[0], 0)
     raise ValueError(
-        f"workdir: {os.path.join(workdir, name)} already holds checkpoints up to epoch {epoch}"
+        f"workdir: {where} already holds checkpoints up to epoch {epoch}"
         f"{' and an interrupted epoch' if interrupted else ''}; pass resume=True (--resume) to "
         "continue that run, or use an empty workdir")
-  saved = saved or interrupted
-  if resume and not saved:
+  if resume and not (epochs or interrupted):
     log(f"resume: no checkpoint in {workdir}; training from scratch")
 
 
@@ -339,6 +336,7 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
             f"up to {num_epochs} epochs")
 
   progress = _Bookkeeping()
+  partial = None  # (steps done, metric sums) of an epoch interrupted by a signal
   # Host copy (the step donates the device buffers); stays the start state if no epoch improves.
   best_state = jax.device_get(state)
   if run.resume:
@@ -350,8 +348,6 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
       if best is not None:
         best_state = jax.device_get(best)
       run.log(f"{tag}resumed after epoch {progress.epoch} (step {int(state.step)})")
-  partial = None  # (steps done, metric sums) of an epoch interrupted by a signal
-  if run.resume:
     interrupted = checkpointer.restore_interrupted(state)
     if interrupted is not None and interrupted[1]["epoch"] == progress.epoch + 1:
       state, meta = interrupted
