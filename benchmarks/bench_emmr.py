@@ -67,11 +67,12 @@ def make_dataset(batch_size: int):
   return data.Dataset("bench", "classification", 3, {s: batch for s in data.SPLITS})
 
 
-def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: bool = True
-                    ) -> float:
-  """XLA's GFLOP of EMMR's views (eq. 8-9; without ``full`` the leave-one-out views only) on
-  ``rows`` samples: the body of one chunk of :func:`mmjax.methods.emmr.needed_forward`'s scans;
-  with ``train``, forward and backward."""
+def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: bool = True,
+                    loo: bool = True) -> float:
+  """XLA's GFLOP of EMMR's views on ``rows`` samples: ``L_full`` (eq. 8) with ``full``, the
+  leave-one-out views ``L_{-k}`` (eq. 9; each of the ``M`` on ``rows`` samples) with ``loo``: the
+  body of one chunk of :func:`mmjax.methods.emmr.needed_forward`'s scans; with ``train``, forward
+  and backward."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
@@ -79,9 +80,28 @@ def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: b
   t = int(sum(main.seq_lens))
   x, real = jnp.zeros((rows, t, main.hidden)), jnp.ones((rows, t), bool)
   views = lambda p, x: sum(jnp.sum(v) for v in main.apply(
-      {"params": p}, x, real, train=False, full=full, method="view_logits") if v is not None)
+      {"params": p}, x, real, train=False, full=full, loo=loo, method="view_logits")
+      if v is not None)
   return shared.step_cost(jax.jit(jax.grad(views, argnums=(0, 1)) if train else views),
                           params["emmr"], x)[0]
+
+
+def loo_rows_chunk_gflop(method_config, spec, params, rows: int, train: bool) -> float:
+  """XLA's GFLOP of ``rows`` leave-one-out views (eq. 9), each of its own sample and view ``k``
+  (:func:`mmjax.nn.apply_copy_per_row`): the body of one chunk of the other members' ``L_{-k}``
+  scan in :func:`mmjax.methods.emmr.needed_forward`; with ``train``, forward and backward."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
+  from mmjax.nn import apply_copy_per_row  # pylint: disable=g-import-not-at-top
+  _, main = emmr.make_models(method_config, spec)
+  index, _ = main.loo_steps()
+  x, mask = jnp.zeros((rows, index.shape[1], main.hidden)), jnp.ones((rows, index.shape[1]), bool)
+  view = emmr.ViewClassifier(main.num_classes, main.num_heads, main.mlp_dim, main.dropout)
+  copy = jnp.arange(rows) % len(main.modalities)
+  views = lambda p, x: jnp.sum(apply_copy_per_row(view, p, copy, x, mask, deterministic=True))
+  return shared.step_cost(jax.jit(jax.grad(views, argnums=(0, 1)) if train else views),
+                          params["emmr"]["loo_views"], x)[0]
 
 
 def encode_chunk_gflop(method_config, spec, params, batch, rows: int) -> float:
@@ -150,24 +170,49 @@ def executed_gflop(compiled: float, scans: Sequence[tuple[int, float]]) -> float
   return compiled + sum((runs - 1) * body for runs, body in scans)
 
 
-def chunk_scans(metrics: dict[str, float], batch_size: int, chunk: int,
-                view_body: Callable[[int, bool], float], members: int, semantic: bool,
-                decoder_body: float | None = None) -> list[tuple[int, float]]:
+def chunk_scans(present: np.ndarray, flagged: np.ndarray, chunk: int,
+                view_body: Callable[[int, bool, bool], float], loo_rows_body: float,
+                members: int, semantic: bool, decoder_body: float | None = None
+                ) -> list[tuple[int, float]]:
   """The scans over chunks of a step of :func:`mmjax.methods.emmr.needed_forward`, as
-  :func:`executed_gflop` takes them. ``metrics``: the fractions ``missing`` (samples with a
-  missing modality) and ``key_missing`` (flagged); ``view_body(n, full)`` the views' GFLOP on
-  ``n`` samples (``full``: with ``L_full``). The TF member's views scan the incomplete samples
-  unless ``semantic`` (then they run on all, unscanned); the other members' views scan the
-  incomplete (``semantic``) or flagged ones (leave-one-out views only); TF's decoder scans the
+  :func:`executed_gflop` takes them, for availability ``present [B, M]`` and the step's key-missing
+  flags ``flagged [B]``; ``view_body(n, full, loo)`` the views' GFLOP on ``n`` samples
+  (:func:`row_chunk_gflop`), ``loo_rows_body`` one chunk's of the other members' leave-one-out
+  rows (:func:`loo_rows_chunk_gflop`). The TF member's views scan the incomplete samples unless ``semantic``
+  (then they run on all, unscanned); the other members' ``L_full`` scans the incomplete ones
+  (``semantic`` only), their ``L_{-k}`` the rows of :func:`mmjax.methods.emmr.
+  member_loo_selection` among the incomplete (``semantic``) or flagged ones; TF's decoder scans the
   incomplete ones where ``decoder_body`` is given (no ``reconstruct``)."""
-  runs = lambda fraction: -(-round(fraction * batch_size) // chunk)
-  scans = [] if semantic else [(runs(metrics["missing"]), view_body(chunk, True))]
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
+  from mmjax.nn import chunks_run  # pylint: disable=g-import-not-at-top
+  incomplete = ~present.all(-1)[None]
+  scans = [] if semantic else [(chunks_run(incomplete, chunk), view_body(chunk, True, True))]
   if members > 1:
-    others = metrics["missing"] if semantic else metrics["key_missing"]
-    scans.append((runs(others), view_body((members - 1) * chunk, semantic)))
+    if semantic:
+      scans.append((chunks_run(incomplete, chunk), view_body((members - 1) * chunk, True, False)))
+    need = incomplete[0] if semantic else flagged
+    selected = emmr.member_loo_selection(jnp.asarray(need), jnp.asarray(present), members - 1)
+    scans.append((chunks_run(selected.reshape(1, -1), chunk), loo_rows_body))
   if decoder_body is not None:
-    scans.append((runs(metrics["missing"]), decoder_body))
+    scans.append((chunks_run(incomplete, chunk), decoder_body))
   return scans
+
+
+def step_flags(main_network, params, batch, config, key) -> np.ndarray:
+  """``key_missing [B]`` as the stage-2 loss (``key`` given: training mode, that key) or ``predict``
+  (``key=None``) computes it on ``batch``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
+  present = jnp.asarray(batch.present)
+  x = emmr.encode_observed_and_clean(main_network, params, batch, config.row_chunk)[0]
+  real = jnp.concatenate([jnp.asarray(batch.step_mask[m]) for m in main_network.modalities], 1)
+  out = jax.jit(lambda x: emmr.needed_forward(
+      main_network, {"params": params["emmr"]}, x, real, present, train=key is not None, key=key,
+      semantic=config.lambda_semantic > 0, chunk=config.row_chunk,
+      reconstruct=key is not None and config.use_backward))(x)
+  return np.asarray(out["key_missing"])
 
 
 def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int,
@@ -212,21 +257,25 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
       eval_step, state, corrupted, advance=False, warmup=warmup, repeats=repeats)
   train_gflop, _ = shared.step_cost(train_step, state, batch)
   eval_gflop, _ = shared.step_cost(eval_step, state, batch)
-  # The data-dependent part of the count: how many samples the views run on in each step.
-  # (one draw of the train-time corruption; the evaluation-mode flags on the eval batches).
-  loss = jax.jit(lambda params, batch, train: main.loss(params, {}, batch, jax.random.key(3),
-                                                        train)[1][0], static_argnums=2)
+  # The data-dependent part of the count: which samples the views run on in each step (one draw
+  # of the train-time corruption with the loss's key 3; the evaluation-mode flags on the eval
+  # batches).
   train_batch = corruption(jax.random.key(2), batch)
-  train_metrics = jax.device_get(loss(state.params, train_batch, True))
-  eval_metrics = {name: jax.device_get(loss(state.params, b, False))
-                  for name, b in (("clean", batch), ("corrupted", corrupted))}
   spec = TaskSpec.from_dataset(dataset)
+  _, network = emmr.make_models(config.model, spec)
+  availability = lambda b: np.asarray(b.present)
+  train_flags = step_flags(network, state.params, train_batch, config.model, jax.random.key(3))
+  eval_flags = {name: step_flags(network, state.params, b, config.model, None)
+                for name, b in (("clean", batch), ("corrupted", corrupted))}
+  eval_present = {"clean": availability(batch), "corrupted": availability(corrupted)}
   members = len(emmr.parse_members(config.model.members))
   chunk = config.model.row_chunk
   body = lambda train: functools.cache(
-      lambda n, full: row_chunk_gflop(config.model, spec, state.params, n, train, full))
+      lambda n, full, loo: row_chunk_gflop(config.model, spec, state.params, n, train, full, loo))
   semantic = lambda_semantic > 0
   train_body, eval_body = body(True), body(False)
+  loo_body = {train: loo_rows_chunk_gflop(config.model, spec, state.params, chunk, train)
+              for train in (True, False)}
   decoder_gflop = decoder_chunk_gflop(config.model, spec, state.params, chunk)
   eval_model_scans = model_scans(config.model, spec, state.params, batch_size, False)
   return dict(
@@ -234,15 +283,19 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
       lambda_semantic=lambda_semantic, pretrained_params=count(state.params["pretrained"]),
       # The train step's backward loss reads TF's decoder everywhere (use_backward): no scan.
       train_gflop=executed_gflop(train_gflop, chunk_scans(
-          train_metrics, batch_size, chunk, train_body, members, semantic) + [
+          availability(train_batch), train_flags, chunk, train_body, loo_body[True], members,
+          semantic) + [
               (chunks_run(np.asarray(emmr.changed_rows(train_batch))[None], chunk),
                encode_chunk_gflop(config.model, spec, state.params, clean, chunk))]
           + model_scans(config.model, spec, state.params, batch_size, True)),
       eval_gflop={name: executed_gflop(eval_gflop, chunk_scans(
-          m, batch_size, chunk, eval_body, members, False, decoder_gflop) + eval_model_scans)
-                  for name, m in eval_metrics.items()},
+          eval_present[name], flags, chunk, eval_body, loo_body[False], members, False,
+          decoder_gflop)
+                                       + eval_model_scans)
+                  for name, flags in eval_flags.items()},
       compiled_gflop=(train_gflop, eval_gflop),
-      missing=train_metrics["missing"], flagged=train_metrics["key_missing"],
+      missing=float(np.mean(~availability(train_batch).all(-1))),
+      flagged=float(np.mean(train_flags)),
       train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,
       eval_step_s=eval_s, eval_corrupted_s=eval_corrupted_s)
 

@@ -20,7 +20,7 @@ import pytest
 from mmjax.data import Batch, Dataset
 from mmjax.methods import TaskSpec, build, default_model_config
 from mmjax.methods import emmr
-from mmjax.nn import MLPAutoencoder, apply_stacked, chunks_run, map_selected
+from mmjax.nn import MLPAutoencoder, apply_copy_per_row, apply_stacked, chunks_run, map_selected
 from mmjax.train import data_mesh, default_train_config, fit
 
 # lambda_backward = 1 (paper: 0.1) makes the reconstruction effect large within a few epochs.
@@ -491,6 +491,11 @@ def test_apply_stacked_equals_separate_modules():
     np.testing.assert_allclose(out[s], x[s] @ params["kernel"][s] + params["bias"][s], rtol=1e-5,
                                atol=1e-6)
   assert not np.allclose(params["kernel"][0], params["kernel"][1])  # independent copies
+  # One copy per row: row i of x[0] through copy (2, 0, 1, 2)[i].
+  copy = np.array([2, 0, 1, 2])
+  per_row = apply_copy_per_row(nn.Dense(2), params, jnp.asarray(copy), jnp.asarray(x[0]))
+  np.testing.assert_allclose(per_row, [x[0, i] @ params["kernel"][c] + params["bias"][c]
+                                       for i, c in enumerate(copy)], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("semantic", [True, False])
@@ -501,12 +506,19 @@ def test_needed_views_equal_the_full_forward(semantic, init_params, spec, corrup
   ``semantic`` as ``predict`` runs it (no ``reconstruct``: TF's decoder on the incomplete samples
   only, ``nn.apply_half``), where ``decoded`` is read on the missing steps only."""
   _, main = emmr.make_models(_config(), spec)
-  present = jnp.asarray(corrupted.present)
-  real = jnp.ones((corrupted.batch_size, 12), bool)
-  x = emmr.encode_observed_and_clean(main, init_params, corrupted, 8)[0]
+  two_missing = np.arange(corrupted.batch_size) % 8 == 1  # these miss modalities 0 and 1
+  batch = corrupted.replace(present=np.asarray(corrupted.present) & ~(
+      two_missing[:, None] & (np.arange(3) == 1)))
+  present = jnp.asarray(batch.present)
+  real = jnp.ones((batch.batch_size, 12), bool)
+  x = emmr.encode_observed_and_clean(main, init_params, batch, 8)[0]
   weights = jax.random.normal(jax.random.key(0), (2, len(MEMBERS), 4, 3))
-  read = np.ones((corrupted.batch_size, 12), bool) if semantic else ~np.asarray(
-      corrupted.present)[:, main.segment]  # the steps of `decoded` that are read
+  read = np.ones((batch.batch_size, 12), bool) if semantic else ~np.asarray(
+      batch.present)[:, main.segment]  # the steps of `decoded` that are read
+  # AE's / MMIN's L_{-k} computed where k is not the only missing modality: M - 1 or M per sample.
+  selected = np.asarray(emmr.member_loo_selection(jnp.ones(batch.batch_size, bool), present, 2))
+  expected = np.where(np.asarray(present).all(-1), 0, np.where(two_missing, 3, 2))
+  np.testing.assert_array_equal(selected.sum(-1), np.stack([expected] * 2))
 
   def run(params, fast):
     variables = {"params": params}

@@ -114,7 +114,7 @@ from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, Stage, TaskSpec, task_loss
 from mmjax.nn import (
     CascadeResidualAutoencoder, MLPAutoencoder, TransformerEncoder, TransformerEncoderDecoder,
-    apply_half, apply_stacked, map_selected, masked_mean_pool)
+    apply_copy_per_row, apply_half, apply_stacked, map_selected, masked_mean_pool)
 
 MEMBERS = ("tf", "ae", "mmin")
 FUSIONS = ("attention", "max", "average")
@@ -214,6 +214,17 @@ def key_missing_flags(full_logits: jax.Array, loo_logits: jax.Array,
   """
   disagree = jnp.argmax(full_logits, -1)[:, None] != jnp.argmax(loo_logits, -1)  # [B, M]
   return jnp.any(disagree & ~present, axis=-1)
+
+
+def without_modality(x: jax.Array, real: jax.Array, index: jax.Array, kept: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+  """The input of a leave-one-out view: ``x [..., T, d]`` at the steps ``index [..., L]`` (a row of
+  :meth:`EMMRNetwork.loo_steps`; leading axes broadcast) and their mask ``real [..., T]`` at
+  ``index`` and ``kept [..., L]``: ``([..., L, d], [..., L])``."""
+  shape = jnp.broadcast_shapes(x.shape[:-2], index.shape[:-1])
+  index = jnp.broadcast_to(index, shape + index.shape[-1:])
+  return (jnp.take_along_axis(jnp.broadcast_to(x, shape + x.shape[-2:]), index[..., None], -2),
+          jnp.take_along_axis(jnp.broadcast_to(real, shape + real.shape[-1:]), index, -1) & kept)
 
 
 def recover(x: jax.Array, decoded: jax.Array, present: jax.Array, segment: np.ndarray
@@ -371,15 +382,18 @@ class EMMRNetwork(nn.Module):
     return f_seq, jnp.stack(decoded)
 
   def view_logits(self, recovered: jax.Array, real: jax.Array, *, train: bool,
-                  full: bool = True) -> tuple[jax.Array | None, jax.Array]:
+                  full: bool = True, loo: bool = True
+                  ) -> tuple[jax.Array | None, jax.Array | None]:
     """Eq. 8-9 on recovered inputs ``I [n, T, d]`` with real steps ``[n, T]``: ``L_full [n, C]``
     (``None`` without ``full``) and ``L_{-k}`` ``[n, M, C]`` (each on the gathered steps of the
-    other modalities)."""
-    index, kept = self.loo_steps()  # [M, L]
+    other modalities; ``None`` without ``loo``)."""
     full = self.full_view(recovered, real, deterministic=not train) if full else None
-    loo = apply_stacked(self.loo_views, len(self.modalities), jnp.moveaxis(recovered[:, index], 1, 0),
-                        jnp.moveaxis(real[:, index], 1, 0) & kept[:, None],
-                        deterministic=not train)  # [M, n, C]
+    if not loo:
+      return full, None
+    index, kept = self.loo_steps()  # [M, L]
+    x, mask = without_modality(recovered[:, None], real[:, None], index[None], kept[None])
+    loo = apply_stacked(self.loo_views, len(self.modalities), jnp.moveaxis(x, 1, 0),
+                        jnp.moveaxis(mask, 1, 0), deterministic=not train)  # [M, n, C]
     return full, jnp.moveaxis(loo, 0, 1)
 
   def combine(self, full_logits: jax.Array, loo_logits: jax.Array, f_seq: jax.Array,
@@ -489,6 +503,18 @@ def decode_tf_where_missing(main: EMMRNetwork, variables, x: jax.Array, real: ja
   return f_seq, decoded
 
 
+def member_loo_selection(need: jax.Array, present: jax.Array, num_members: int) -> jax.Array:
+  """``[K', B, M]`` bool, ``K' = num_members`` members other than TF: ``(e, b, k)`` is selected
+  when sample ``b`` is ``need`` ed ``[B]`` and member ``e``'s recovered input without ``k``
+  differs from TF's, i.e. some modality other than ``k`` is missing (``present [B, M]``).
+  Without ``k`` every member's recovered input is ``X`` without ``k`` when ``k`` is the only
+  missing modality: that view is TF's for every member (one missing modality: ``M - 1`` of the
+  ``M`` leave-one-out views per sample differ)."""
+  missing = ~present
+  others_missing = jnp.sum(missing, -1, keepdims=True) - missing  # [B, M]: missing besides k
+  return jnp.broadcast_to(need[:, None] & (others_missing > 0), (num_members,) + present.shape)
+
+
 def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
                    present: jax.Array, *, train: bool, key: jax.Array | None, semantic: bool,
                    chunk: int, reconstruct: bool = True) -> dict[str, jax.Array]:
@@ -501,7 +527,10 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
   * A member's recovered input differs from ``X`` only on missing steps, so on a sample with every
     modality present all ``K`` members' views equal the TF member's: AE's and MMIN's views are
     computed only for samples with a missing modality and taken from TF's elsewhere (the same
-    values; in training the members share TF's dropout draw there).
+    values; in training the members share TF's dropout draw there). For the same reason their
+    ``L_{-k}`` equals TF's where ``k`` is the only missing modality: it is computed per view ``k``
+    on the (member, sample, view) rows of :func:`member_loo_selection` only, chunked together
+    (:func:`mmjax.nn.apply_copy_per_row`).
   * With ``semantic`` (``lambda_sem > 0``: every view is trained) TF's views run on every sample.
     Without it (eq. 14 exactly, and every evaluation) a view reaches the output and the gradient
     only through the key-missing check and the ensemble (eq. 10-13): TF's views run on the samples
@@ -515,7 +544,7 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
   ``reconstruct`` TF's ``decoded`` of the complete samples, are placeholders (zeros or TF's):
   :func:`diagnostics` runs the full ``forward``.
   """
-  keys = list(jax.random.split(key, 5)) if train else [None] * 5
+  keys = list(jax.random.split(key, 6)) if train else [None] * 6
   rngs = lambda k: {} if k is None else {"dropout": k}
   tf_outputs = None if reconstruct else decode_tf_where_missing(
       main, variables, x, real, present, train=train, key=keys[4], chunk=chunk)
@@ -524,13 +553,12 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
   recovered = recover(x, decoded, present, main.segment)  # [K, B, T, d]
   b, t = real.shape
 
-  def views(rows, steps, k, with_full=True):  # [G, c, T, d], [G, c, T] -> [G, c, C], [G, c, M, C]
+  def views(rows, steps, k, loo=True):  # [G, c, T, d], [G, c, T] -> [G, c, C], [G, c, M, C]
     g, c = steps.shape[:2]
     full, loo = main.apply(variables, rows.reshape((g * c,) + rows.shape[2:]),
-                           steps.reshape(g * c, t), train=train, full=with_full,
-                           method="view_logits", rngs=rngs(k))
-    loo = loo.reshape((g, c) + loo.shape[1:])
-    return (full.reshape(g, c, -1), loo) if with_full else loo
+                           steps.reshape(g * c, t), train=train, loo=loo, method="view_logits",
+                           rngs=rngs(k))
+    return full.reshape(g, c, -1), None if loo is None else loo.reshape((g, c) + loo.shape[1:])
 
   incomplete = jnp.any(~present, axis=-1)  # [B]
   tf = main.members.index("tf")
@@ -539,20 +567,35 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
   else:
     full_tf, loo_tf = map_selected(views, incomplete[None], chunk, recovered[tf, None], real[None],
                                    key=keys[1])
-  others = [i for i, e in enumerate(main.members) if e != "tf"]
+  others = np.array([i for i, e in enumerate(main.members) if e != "tf"], int)
   full = jnp.broadcast_to(full_tf, (len(main.members),) + full_tf.shape[1:])
   loo = jnp.broadcast_to(loo_tf, (len(main.members),) + loo_tf.shape[1:])
-  if others:  # without semantic only their leave-one-out views are read (eq. 10-12)
+  if len(others):  # without semantic only their leave-one-out views are read (eq. 10-12)
     need = incomplete if semantic else key_missing_flags(full_tf[0], loo_tf[0], present)
-    out_o = map_selected(
-        functools.partial(views, with_full=semantic), jnp.broadcast_to(need, (len(others), b)), chunk,
-        recovered[np.array(others)], jnp.broadcast_to(real, (len(others), b, t)), key=keys[2])
     if semantic:
-      full_o, loo_o = out_o
-      full = full.at[np.array(others)].set(jnp.where(need[None, :, None], full_o, full_tf))
-    else:
-      loo_o = out_o
-    loo = loo.at[np.array(others)].set(jnp.where(need[None, :, None, None], loo_o, loo_tf))
+      full_o, _ = map_selected(functools.partial(views, loo=False),
+                               jnp.broadcast_to(need, (len(others), b)), chunk, recovered[others],
+                               jnp.broadcast_to(real, (len(others), b, t)), key=keys[2])
+      full = full.at[others].set(jnp.where(need[None, :, None], full_o, full_tf))
+    # L_{-k}: the (member, sample, view k) rows whose input without k differs from TF's, chunked
+    # together whatever their k (each through its view's parameters).
+    num_mod = len(main.modalities)
+    selected = member_loo_selection(need, present, len(others))  # [K', B, M]
+    index, kept = map(jnp.asarray, main.loo_steps())
+    view = ViewClassifier(main.num_classes, main.num_heads, main.mlp_dim, main.dropout)
+    view_params = variables["params"]["loo_views"]
+    member_rows = recovered[others]  # [K', B, T, d]
+
+    def loo_rows(pairs, k):  # pairs [1, c]: flat indices into [K', B, M]
+      e, row, v = jnp.unravel_index(pairs[0], selected.shape)
+      x, mask = without_modality(member_rows[e, row], real[row], index[v], kept[v])
+      return apply_copy_per_row(view, view_params, v, x, mask, key=k,
+                                deterministic=not train)[None]
+
+    loo_o = map_selected(loo_rows, selected.reshape(1, -1), chunk,
+                         jnp.arange(selected.size)[None], key=keys[5])[0]
+    loo = loo.at[others].set(jnp.where(selected[..., None], loo_o.reshape(
+        selected.shape + loo_o.shape[-1:]), loo_tf))
   out = main.apply(variables, full, loo, f_seq, real, present, train=train, method="combine",
                    rngs=rngs(keys[3]))
   out["decoded"] = decoded

@@ -6,5 +6,5 @@ from mmjax.nn.encoder_decoders import (
 from mmjax.nn.encoders import PooledEncoder, encode_modalities, masked_mean_pool
 from mmjax.nn.moe import ExpertLayer, MixtureOfExperts
 from mmjax.nn.selected import chunks_run, map_selected
-from mmjax.nn.stacked import apply_stacked
+from mmjax.nn.stacked import apply_copy_per_row, apply_stacked
 from mmjax.nn.transformer import TransformerBlock, TransformerEncoder
