@@ -528,7 +528,7 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
     modality present all ``K`` members' views equal the TF member's: AE's and MMIN's views are
     computed only for samples with a missing modality and taken from TF's elsewhere (the same
     values; in training the members share TF's dropout draw there). For the same reason their
-    ``L_{-k}`` equals TF's where ``k`` is the only missing modality: it is computed per view ``k``
+    ``L_{-k}`` equals TF's where ``k`` is the only missing modality: it is computed
     on the (member, sample, view) rows of :func:`member_loo_selection` only, chunked together
     (:func:`mmjax.nn.apply_copy_per_row`).
   * With ``semantic`` (``lambda_sem > 0``: every view is trained) TF's views run on every sample.
@@ -579,7 +579,6 @@ def needed_forward(main: EMMRNetwork, variables, x: jax.Array, real: jax.Array,
       full = full.at[others].set(jnp.where(need[None, :, None], full_o, full_tf))
     # L_{-k}: the (member, sample, view k) rows whose input without k differs from TF's, chunked
     # together whatever their k (each through its view's parameters).
-    num_mod = len(main.modalities)
     selected = member_loo_selection(need, present, len(others))  # [K', B, M]
     index, kept = map(jnp.asarray, main.loo_steps())
     view = ViewClassifier(main.num_classes, main.num_heads, main.mlp_dim, main.dropout)
