@@ -238,6 +238,8 @@ def time_case(case: str, hidden: int, batch_size: int, warmup: int, repeats: int
   main = method.stages[-1]
   stage_method = dataclasses.replace(method, loss=main.loss, predict=main.predict, stages=())
   state = train.init_state(method, dataset, config, train.make_optimizer(config))
+  state = state.replace(method_state=main.prepare(state.params, state.method_state,
+                                                  dataset.splits["train"]))  # as fit does
   trainable = main.trainable(state.params)
   optimizer = mask_optimizer(train.make_optimizer(config), trainable)
   state = state.replace(opt_state=optimizer.init(state.params))

@@ -346,6 +346,32 @@ def test_paper_literal_teacher_and_backward(method, spec, trained, corrupted):
       logits, np.asarray(batch.label))), rtol=1e-5)
 
 
+def test_teacher_outputs_cached_once_per_training_sample(method, spec, dataset, trained,
+                                                          monkeypatch):
+  """Stage "main"'s ``prepare`` stores ``E_pre`` of every training sample's clean copy (here in
+  chunks of 50 rows, the last one padded), ``fit`` keeps it in the method state, and a train step
+  reading it by ``batch.index`` gives the loss of the step that runs the teacher."""
+  params, train = trained.state.params, dataset.splits["train"]
+  monkeypatch.setattr(emmr, "TEACHER_CHUNK", 50)
+  table = method.stages[-1].prepare(params, {}, train)["teacher"]
+  pretrained, _ = emmr.make_models(_config(), spec)
+  e_pre = pretrained.apply({"params": params["pretrained"]}, train.full_features,
+                           train.full_step_mask, np.ones_like(train.present), train=False)[1]
+  assert table.shape == (train.batch_size, _config().hidden)
+  np.testing.assert_allclose(table, e_pre, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(trained.state.method_state["teacher"], table, rtol=1e-6, atol=1e-7)
+  batch = train.take(np.random.default_rng(0).permutation(train.batch_size)[:32])
+  batch = batch.replace(present=np.arange(32)[:, None] % 3 != np.arange(3)[None])
+  step = jax.jit(lambda state: method.loss(params, state, batch, jax.random.key(1), True)[1][0])
+  cached, fresh = step({"teacher": table}), step({})
+  assert cached.keys() == fresh.keys()
+  for name in cached:
+    np.testing.assert_allclose(cached[name], fresh[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  assert abs(float(step({"teacher": 0 * table})["forward"] - fresh["forward"])) > 1e-4  # read
+  literal = build("emmr", _config(teacher_input="corrupted"), spec)
+  assert literal.stages[-1].prepare(params, {}, train) == {}
+
+
 def test_key_missing_report_by_hand():
   """The per-modality key-missing report (``benchmarks/emmr_key_missing.py``) on a hand-built case: 2 modalities,
   2 classes, 6 samples."""

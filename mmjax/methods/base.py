@@ -76,6 +76,11 @@ class Stage:
     trainable: ``params -> pytree of bools`` with ``params``' structure, ``True`` = updated in this
       stage; the other leaves leave the stage bit-identical. ``None``: every leaf is trainable.
     num_epochs: epochs of this stage; ``None`` uses ``config.num_epochs``.
+    prepare: ``(params, method_state, train_split) -> method_state``, run once when the stage
+      starts (and again on resume, before its checkpoint is restored) on the stage's starting
+      state and the whole training split (a :class:`~mmjax.data.Batch` of NumPy arrays, rows =
+      ``batch.index``): where a stage caches per-sample values that no step of the stage
+      changes (EMMR: the frozen teacher's outputs). ``None``: the state passes as it is.
   """
 
   name: str
@@ -83,6 +88,7 @@ class Stage:
   predict: Callable[[Params, MethodState, Batch], jax.Array] | None = None
   trainable: Callable[[Params], Any] | None = None
   num_epochs: int | None = None
+  prepare: Callable[[Params, MethodState, Batch], MethodState] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

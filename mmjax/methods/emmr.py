@@ -65,7 +65,11 @@ Loss (eq. 14-18) of the stage ``"main"``
 * ``forward`` (eq. 15): ``symmetric_kl(F, sg(E_pre))`` of the softmax-normalised pooled vectors,
   ``E_pre`` from the frozen network (evaluation mode, no dropout) on the clean copy
   (``teacher_input="clean"``, default) or on the missing-modality input itself
-  (``"corrupted"``: §3.2 and the authors' code; the paper preset).
+  (``"corrupted"``: §3.2 and the authors' code; the paper preset). On the clean copy ``E_pre`` of a
+  training sample is the same in every step, so the stage's ``prepare`` computes it once per
+  training sample (``method_state["teacher"] [N, d]``) and the train steps read it by
+  ``batch.index``; any other call of the loss (``train=False``, or without the table) runs the
+  teacher.
 * ``backward`` (eq. 16): per member ``e``, ``backward_<e>`` = mean over valid samples and real steps
   of ``symmetric_kl(D^e_t, sg(X^full_t))``, softmax over the ``d`` features of each step;
   ``backward`` is their mean over the members (``backward_members="all"``, default) or the TF
@@ -108,7 +112,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmjax.data import Batch
+from mmjax.data import Batch, iterate_batches
 from mmjax.losses import symmetric_kl
 from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, Stage, TaskSpec, task_loss
@@ -125,6 +129,10 @@ BACKWARD_MEMBERS = ("all", "tf")
 # EMMR's training regime (config.train_corruption = "method"): half of the training samples lose
 # one modality (mmjax.data.drop_one_modality at ratio 0.5).
 TRAIN_CORRUPTION = "drop_one:0.5"
+
+
+# Training samples per call when the main stage caches the teacher's outputs (prepare_main).
+TEACHER_CHUNK = 256
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -729,6 +737,24 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
                           key=key if train else None, semantic=semantic, chunk=config.row_chunk,
                           reconstruct=reconstruct)
 
+  def teacher(params, features, step_mask, present):  # E_pre [B, d] of eq. 3 and 15
+    return pretrained.apply({"params": params["pretrained"]}, features, step_mask, present,
+                            train=False)[1]
+
+  cached_teacher = config.use_forward and config.teacher_input == "clean"
+
+  def prepare_main(params, state, split):
+    """Adds ``state["teacher"]``: ``[N, d]`` ``E_pre`` of each training sample's clean copy,
+    computed once (the teacher is frozen in this stage and its input never changes)."""
+    if not cached_teacher:
+      return state
+    run = jax.jit(lambda p, b: teacher(p, b.full_features, b.full_step_mask, all_present(b)))
+    table = np.zeros((split.batch_size, config.hidden), np.float32)
+    for batch in iterate_batches(split, min(TEACHER_CHUNK, split.batch_size)):
+      rows = np.asarray(batch.valid)
+      table[np.asarray(batch.index)[rows]] = np.asarray(run(params, batch))[rows]
+    return {**state, "teacher": jnp.asarray(table)}
+
   def loss(params, state, batch, key, train):
     present = jnp.asarray(batch.present)
     valid = jnp.asarray(batch.valid)
@@ -744,11 +770,12 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     metrics = {"cls": task_loss(out["logits"], batch, spec)}
     total = metrics["cls"]
     if config.use_forward:
-      if config.teacher_input == "clean":
-        teacher_in = (batch.full_features, batch.full_step_mask, all_present(batch))
+      if train and cached_teacher and "teacher" in state:  # the training split's rows
+        e_pre = state["teacher"][jnp.asarray(batch.index)]
+      elif config.teacher_input == "clean":
+        e_pre = teacher(params, batch.full_features, batch.full_step_mask, all_present(batch))
       else:
-        teacher_in = (batch.features, _observed(batch, present), present)
-      _, e_pre = pretrained.apply({"params": params["pretrained"]}, *teacher_in, train=False)
+        e_pre = teacher(params, batch.features, _observed(batch, present), present)
       metrics["forward"] = masked_mean(
           symmetric_kl(out["pooled_f"], jax.lax.stop_gradient(e_pre)), valid)
       total = total + config.lambda_forward * metrics["forward"]
@@ -790,7 +817,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
 
   stages = (Stage("pretrain", pretrain_loss, pretrain_predict, trainable_in("pretrain"),
                   config.pretrain_epochs),) if config.use_forward else ()
-  stages += (Stage("main", loss, predict, trainable_in("main")),)
+  stages += (Stage("main", loss, predict, trainable_in("main"), prepare=prepare_main),)
   return Method(name="emmr", init=init, loss=loss, predict=predict, stages=stages)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 def apply_stacked(module: nn.Module, num: int, *args: Any, **kwargs: Any) -> Any:
@@ -42,7 +43,7 @@ def apply_copy_per_row(module: nn.Module, stacked_params: Any, copy: jax.Array, 
   keys = None if key is None else jax.random.split(key, copy.shape[0])
 
   def one(c, row, k):
-    params = jax.tree.map(lambda p: p[c], stacked_params)
+    params = jax.tree.map(lambda p: jnp.asarray(p)[c], stacked_params)  # NumPy params too
     out = module.apply({"params": params}, *[a[None] for a in row],
                        rngs={} if k is None else {"dropout": k}, **kwargs)
     return jax.tree.map(lambda y: y[0], out)

@@ -177,7 +177,8 @@ def fit(
   early-stopped run of its own (``config.patience`` and the selection metric, validated with the
   stage's ``predict``, ``stage.num_epochs`` or ``config.num_epochs`` epochs). Stage 0 starts from
   ``method.init``; stage ``s > 0`` from the best (selected) params and method state of stage
-  ``s - 1``, with a fresh optimiser state and step 0. Leaves a stage's ``trainable`` marks ``False``
+  ``s - 1`` (passed through ``stage.prepare`` where it has one), with a fresh optimiser state and
+  step 0. Leaves a stage's ``trainable`` marks ``False``
   get no gradient and no optimiser state and leave the stage bit-identical.
 
   Train-time corruption: ``config.train_corruption`` (:func:`train_corruption`) corrupts every
@@ -325,6 +326,8 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
   root = jax.random.PRNGKey(config.seed)
   if index:
     root = jax.random.fold_in(root, 2 + index)
+  if stage.prepare is not None:
+    method_state = stage.prepare(params, method_state, run.dataset.splits["train"])
   state = jax.device_put(_new_state(params, method_state, optimizer, jax.random.fold_in(root, 1)),
                          replicated(mesh))
   num_epochs = config.num_epochs if stage.num_epochs is None else stage.num_epochs
