@@ -99,6 +99,12 @@ def _prepare(base):
   return dataset, chosen, matched, configs
 
 
+def _started(workdir):
+  """Whether an earlier run began in ``workdir`` (it wrote ``config.json``): then it is resumed
+  (or reloaded, if finished); a fresh workdir starts fresh, without a "no checkpoint" line."""
+  return os.path.exists(os.path.join(workdir, "config.json"))
+
+
 def _predictor(method, state, config):
   return lambda split: predict(method, state, split, batch_size=config.eval_batch_size)
 
@@ -116,7 +122,7 @@ def main(argv):
     for seed in range(_SEEDS.value):
       config.seed = seed
       workdir = os.path.join(_WORKDIR.value, name, f"seed{seed}")
-      method, _, result = train(config, workdir, resume=True, dataset=dataset,
+      method, _, result = train(config, workdir, resume=_started(workdir), dataset=dataset,
                                 log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
       key = jax.random.PRNGKey(1000 + seed)
       run = robustness.sweep(_predictor(method, result.state, config), dataset.splits["test"],
@@ -136,7 +142,7 @@ def main(argv):
             level_config.model.representation_noise = float(level)
             level_config.model.representation_noise_type = REPRESENTATION_PROTOCOLS[protocol.name]
           level_method, _, fitted = train(
-              level_config, level_dir, resume=True, dataset=data,
+              level_config, level_dir, resume=_started(level_dir), dataset=data,
               method=method if at_input else None,
               log=lambda line: print(f"[{name} s{seed} {label}={level}] {line}"))
           return _predictor(level_method, fitted.state, config)

@@ -175,9 +175,17 @@ def initialize_distributed() -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (``app.run(main, flags_parser=parse_flags)``) with every flag error as one
   ``error:`` line, exit code 2: a failing config file (e.g. an unknown method) names the flag and
-  the cause, not a traceback. (A missing config file surfaces when the launcher reads the config,
-  inside :func:`exit_on_bad_input`.)"""
+  the cause, not a traceback; a ``--config`` file that does not exist is named as such."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  args = argv[1:]
+  for i, arg in enumerate(args):  # --config=FILE[:...] or --config FILE[:...]
+    value = arg[len("--config="):] if arg.startswith("--config=") else (
+        args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
+    if value is not None:
+      path = value.partition(":")[0]
+      if not os.path.isfile(path):
+        _bad_input_exit(f"--config: no such file {path!r}" + (
+            "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

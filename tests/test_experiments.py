@@ -14,8 +14,9 @@ from tests.helpers.xla import TEST_XLA_FLAGS
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(module, *args, cwd=REPO):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}")
+def run(module, *args, cwd=REPO, devices=1):
+  env = dict(os.environ,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}")
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
@@ -28,7 +29,8 @@ def run(module, *args, cwd=REPO):
     (["--config.dataset=imagenet:x"], "error: dataset spec 'imagenet:x': unknown source"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--config=experiments/configs/nope.py"],
-     "No such file or directory: 'experiments/configs/nope.py'"),
+     "error: --config: no such file 'experiments/configs/nope.py' (relative to"),
+    (["--config", "/no/such.py:euar"], "error: --config: no such file '/no/such.py'\n"),
     (["--config=experiments/configs/default.py:nope"],
      "error: flag --config=experiments/configs/default.py:nope: Error whilst parsing config file: "
      "method: unknown 'nope'"),
@@ -37,10 +39,16 @@ def run(module, *args, cwd=REPO):
     (["--config.model.hidden=0"], "error: model.hidden: must be a positive int"),
     (["--distributed"], "error: --distributed: jax.distributed.initialize() found no cluster"),
     (["--workdir={tmp}/file/run"], "error: [Errno 20] Not a directory"),
+    (["--config.select_metric=nope"], "error: select_mode: give 'min' or 'max' for select_metric"),
+    (["--config.batch_size=30", "--devices=4"],
+     "error: batch_size: 30 is not divisible by the number of devices 4; use a multiple of 4"),
 ])
 def test_train_launcher_fails_fast_with_one_line(tmp_path, args, message):
   (tmp_path / "file").touch()
-  result = run("experiments.train", f"--workdir={tmp_path}", *[a.format(tmp=tmp_path) for a in args])
+  # "--devices=N" is the test's own: the launcher runs on N (host) devices.
+  devices = [int(a.split("=")[1]) for a in args if a.startswith("--devices=")] or [1]
+  args = [a.format(tmp=tmp_path) for a in args if not a.startswith("--devices=")]
+  result = run("experiments.train", f"--workdir={tmp_path}", *args, devices=devices[0])
   assert result.returncode != 0
   assert message in result.stderr
   if message.startswith("error:"):
