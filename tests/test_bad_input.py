@@ -4,7 +4,7 @@ the field (the launchers print it as one ``error:`` line, exit code 2)."""
 import numpy as np
 import pytest
 
-from mmjax import experiment
+from mmjax import experiment, train
 from mmjax.data import Batch
 
 FEATURES = {"a": np.zeros((2, 3, 4), np.float32)}
@@ -48,3 +48,26 @@ def test_npz_num_classes_is_used(tmp_path):
 def _with(config, **changes):
   config.update(changes)
   return config
+
+
+def _raise(error):
+  raise error
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (ValueError("config.batch_size: must be > 0,\n  got 0"), 2,
+     "error: config.batch_size: must be > 0, got 0"),
+    (NotADirectoryError(20, "Not a directory", "/tmp/file/run"), 2,
+     "error: [Errno 20] Not a directory: '/tmp/file/run'"),
+    (train.TrainingDiverged("training diverged at epoch 2, step 7: loss = nan"), 2,
+     "error: training diverged at epoch 2, step 7: loss = nan"),
+    (train.TrainingInterrupted("interrupted by SIGTERM at epoch 1, step 5: saved", 15), 143,
+     "interrupted by SIGTERM at epoch 1, step 5: saved"),
+])
+def test_launchers_end_in_one_line_and_an_exit_code(capsys, error, code, line):
+  """What the launchers wrap every step in: bad input, a refused file system path and divergence
+  end in one ``error:`` line and exit 2; a saved interruption in its line and ``128 + signal``."""
+  with pytest.raises(SystemExit) as exited:
+    experiment.exit_on_bad_input(_raise)(error)
+  assert exited.value.code == code
+  assert capsys.readouterr().err == line + "\n"
