@@ -2,7 +2,7 @@
 
 Each case builds EMMR from ``mmjax.experiment.get_config("emmr")`` with ``members`` set to the case
 and ``hidden`` from ``--hidden`` (other model defaults unchanged: AE widths 256-128-64, 5 MMIN
-blocks, dropout 0.3), one random MOSI-shaped batch (:func:`bench_train_step.make_dataset`: text
+blocks, dropout 0.3), one random MOSI-shaped batch (:func:`step_timing.make_dataset`: text
 ``[B, 50, 768]``, audio ``[B, 50, 74]``, vision ``[B, 50, 47]``; its scores binned into 3 classes)
 and times, on one device, the steps :func:`mmjax.train.fit` runs in stage ``"main"`` (the loss
 of eq. 14 with the pre-trained network frozen: its leaves masked out of the optimiser; the batch
@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_train_step as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+import step_timing as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CASES = flags.DEFINE_list("cases", ["tf", "tf+ae", "tf+ae+mmin"], "Ensembles to time.")
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "Width d (the paper's is 300).", lower_bound=1)
@@ -52,14 +52,12 @@ _VIEW_CHUNK = flags.DEFINE_integer("row_chunk", None, "model.row_chunk (default:
 _LAMBDA_SEMANTIC = flags.DEFINE_list(
     "lambda_semantic", ["1", "0"], "model.lambda_semantic values (1: mmjax's default; 0: eq. 14, "
     "the paper preset).")
-# --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
-# flags (--devices, --experts, ...) are ignored here.
-# pylint: disable-next=protected-access
-_REPEATS, _WARMUP = shared._REPEATS, shared._WARMUP
+# --repeats, --warmup and --output are step_timing's flags (defined on import).
+_REPEATS, _WARMUP = shared.REPEATS, shared.WARMUP
 
 
 def make_dataset(batch_size: int):
-  """:func:`bench_train_step.make_dataset` with its scores binned into 3 classes (sign)."""
+  """:func:`step_timing.make_dataset` with its scores binned into 3 classes (sign)."""
   from mmjax import data  # pylint: disable=g-import-not-at-top
   regression = shared.make_dataset(batch_size)
   batch = regression.splits["train"]

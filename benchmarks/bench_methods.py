@@ -2,7 +2,7 @@
 
 Each ``--case=<method>[:<field>=<value>,...]`` builds the method from
 ``mmjax.experiment.get_config`` with those model fields overridden (values parsed as Python
-literals), one random MOSI-shaped regression batch (:func:`bench_train_step.make_dataset`: text
+literals), one random MOSI-shaped regression batch (:func:`step_timing.make_dataset`: text
 ``[B, 50, 768]``, audio ``[B, 50, 74]``, vision ``[B, 50, 47]``) and times the steps of
 :func:`mmjax.train.compile_steps` like ``bench_train_step.py`` does: "first call" = trace +
 compile + one run, "ms/step" = median of ``--repeats`` calls after ``--warmup`` warm-up calls, each
@@ -31,7 +31,7 @@ from typing import Any
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_train_step as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+import step_timing as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CASES = flags.DEFINE_multi_string(
     "case", ["ease:hidden=32", "ease:hidden=128", "concat", "euar"],
@@ -39,10 +39,8 @@ _CASES = flags.DEFINE_multi_string(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size B.", lower_bound=1)
 _CORRUPT = flags.DEFINE_bool(
     "corrupt", False, "Apply the method's own train-time corruption inside the train step.")
-# --repeats, --warmup and --output are bench_train_step's flags (defined on import); its other
-# flags (--devices, --experts, ...) are ignored here.
-# pylint: disable-next=protected-access
-_REPEATS, _WARMUP = shared._REPEATS, shared._WARMUP
+# --repeats, --warmup and --output are step_timing's flags (defined on import).
+_REPEATS, _WARMUP = shared.REPEATS, shared.WARMUP
 
 
 def parse_case(case: str) -> tuple[str, dict[str, Any]]:
@@ -74,9 +72,9 @@ def time_method(case: str, batch_size: int, warmup: int, repeats: int,
   state = jax.device_put(train.init_state(method, dataset, config, optimizer), replicated(mesh))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   batch = jax.block_until_ready(train.put_batch(dataset.splits["train"], mesh))
-  state, train_first, train_s = shared.time_calls(  # pylint: disable=protected-access
+  state, train_first, train_s = shared.time_calls(
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
-  _, eval_first, eval_s = shared.time_calls(  # pylint: disable=protected-access
+  _, eval_first, eval_s = shared.time_calls(
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
   # After the timing, so that "first call" still includes the compilation.
   train_gflop, train_gb = shared.step_cost(train_step, state, batch)

@@ -32,9 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -43,19 +41,17 @@ from typing import Any
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_timing as timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 _DEVICES = flags.DEFINE_list("devices", ["1", "4"], "Device counts (forced CPU devices), one run each.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["16", "64"], "Global batch sizes B.")
 _EXPERTS = flags.DEFINE_list("experts", ["2", "4", "8", "16", "32"], "EUAR expert counts N.")
 _MODES = flags.DEFINE_list("modes", ["dense", "sparse"], "Expert evaluation: dense and/or sparse.")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also time the concat baseline at the same shapes.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per step; the median is reported.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls between the first call and the timed ones.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the Markdown table to this file.")
 _WORKER = flags.DEFINE_integer(
     "worker", 0, "Internal: run every case on this many devices and print JSON lines.")
 
-SEQ_LEN = 50
-FEATURE_DIMS = {"text": 768, "audio": 74, "vision": 47}  # MOSI aligned_50 feature widths
 MAX_TOP_K = 3
 RESULT_PREFIX = "RESULT "
 MACHINE_PREFIX = "MACHINE "
@@ -86,42 +82,6 @@ def make_cases(batch_sizes: Sequence[int], experts: Sequence[int], modes: Sequen
 
 
 # ------------------------------------------------------------------ worker: runs inside one backend
-def make_dataset(batch_size: int, seed: int = 0):
-  """A regression :class:`~mmjax.data.Dataset` whose three splits are one random MOSI-shaped batch."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mmjax import data  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  features = {m: rng.standard_normal((batch_size, SEQ_LEN, d)).astype(np.float32)
-              for m, d in FEATURE_DIMS.items()}
-  label = rng.uniform(-3.0, 3.0, batch_size).astype(np.float32)  # MOSI sentiment range
-  batch = data.Batch.create(features, label, task="regression")
-  return data.Dataset("bench", "regression", None, {s: batch for s in data.SPLITS})
-
-
-def step_cost(step, *args) -> tuple[float, float]:
-  """``(GFLOP, GB accessed)`` of one call of the jitted ``step`` by XLA's cost analysis."""
-  cost = step.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
-
-
-def time_calls(step, state, batch, *, advance: bool, warmup: int, repeats: int):
-  """Calls ``step(state, batch)`` ``1 + warmup + repeats`` times, each blocked on.
-
-  Returns ``(state, first-call seconds, median of the last repeats in seconds)``; with ``advance``
-  each call gets the state the previous call returned (the train step donates its input state).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  seconds = []
-  for _ in range(1 + warmup + repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(step(state, batch))
-    seconds.append(time.perf_counter() - start)
-    if advance:
-      state = out[0]
-  return state, seconds[0], statistics.median(seconds[1 + warmup:])
-
-
 def time_case(case: Case, num_devices: int, warmup: int, repeats: int) -> dict[str, Any]:
   """Builds ``case`` on the first ``num_devices`` devices and times its train and eval steps."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -133,33 +93,20 @@ def time_case(case: Case, num_devices: int, warmup: int, repeats: int) -> dict[s
     config.model.num_experts = case.num_experts
     config.model.top_k = case.top_k
     config.model.sparse_experts = case.sparse
-  dataset = make_dataset(case.batch_size)
+  dataset = timing.make_dataset(case.batch_size)
   method = experiment.build_method(config, dataset)
   optimizer = train.make_optimizer(config)
   mesh = train.data_mesh(jax.devices()[:num_devices])
   train_step, eval_step = train.compile_steps(method, optimizer, mesh)
   state = jax.device_put(train.init_state(method, dataset, config, optimizer), replicated(mesh))
   batch = jax.block_until_ready(train.put_batch(dataset.splits["train"], mesh))
-  state, train_first, train_step_s = time_calls(
+  state, train_first, train_step_s = timing.time_calls(
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
-  _, eval_first, eval_step_s = time_calls(
+  _, eval_first, eval_step_s = timing.time_calls(
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
   return dict(dataclasses.asdict(case), top_k=case.top_k, devices=num_devices,
               train_first_s=train_first, train_step_s=train_step_s,
               eval_first_s=eval_first, eval_step_s=eval_step_s)
-
-
-def machine_info() -> dict[str, Any]:
-  """``nproc``, CPU model, jax version and the devices of this backend."""
-  import jax  # pylint: disable=g-import-not-at-top
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return dict(nproc=os.cpu_count(), cpu=model, jax=jax.__version__,
-              platform=jax.devices()[0].platform, device_count=jax.device_count())
 
 
 def run_worker(num_devices: int, cases: Sequence[Case], warmup: int, repeats: int) -> None:
@@ -167,7 +114,7 @@ def run_worker(num_devices: int, cases: Sequence[Case], warmup: int, repeats: in
   if jax.device_count() < num_devices:
     raise ValueError(f"--worker={num_devices}: the backend has only {jax.device_count()} devices "
                      f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
-  print(MACHINE_PREFIX + json.dumps(machine_info()), flush=True)
+  print(MACHINE_PREFIX + json.dumps(timing.machine_info()), flush=True)
   for case in cases:
     result = time_case(case, num_devices, warmup, repeats)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -220,10 +167,11 @@ def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], *
         f"| {r['batch_size'] / r['train_step_s']:,.0f} "
         f"| {r['eval_first_s']:.2f} | {1e3 * r['eval_step_s']:.2f} "
         f"| {r['batch_size'] / r['eval_step_s']:,.0f} |")
+  seq, dims = timing.SEQ_LEN, timing.FEATURE_DIMS
   lines += [
       "",
-      f"Shapes: text [B, {SEQ_LEN}, {FEATURE_DIMS['text']}], audio [B, {SEQ_LEN}, "
-      f"{FEATURE_DIMS['audio']}], vision [B, {SEQ_LEN}, {FEATURE_DIMS['vision']}], regression; "
+      f"Shapes: text [B, {seq}, {dims['text']}], audio [B, {seq}, {dims['audio']}], "
+      f"vision [B, {seq}, {dims['vision']}], regression; "
       f"EUAR defaults otherwise (hidden 128, Adam). First call = trace + compile + one run; "
       f"ms/step = median of {repeats} calls after {warmup} warm-up calls. Machine: "
       f"{machine['nproc']} CPUs ({machine['cpu']}), jax {machine['jax']}, platform "
@@ -232,30 +180,6 @@ def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], *
       "(other processes share the CPU).",
   ]
   return "\n".join(lines) + "\n"
-
-
-def step_table_footer(batch_size: int, labels: str, warmup: int, repeats: int,
-                      machine: dict[str, Any], load: tuple[float, float]) -> str:
-  """The line under a one-device step-time table (bench_methods, bench_emmr): shapes, timing, machine."""
-  return (f"B = {batch_size}; text [B, {SEQ_LEN}, {FEATURE_DIMS['text']}], audio [B, {SEQ_LEN}, "
-          f"{FEATURE_DIMS['audio']}], vision [B, {SEQ_LEN}, {FEATURE_DIMS['vision']}], {labels}; "
-          f"one device. ms/step = median of {repeats} calls after {warmup} warm-up calls. "
-          f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), jax {machine['jax']}, platform "
-          f"{machine['platform']}; 1-min load average {load[0]:.2f} before, {load[1]:.2f} after.")
-
-
-def check_timing_flags() -> None:
-  if _REPEATS.value < 1 or _WARMUP.value < 0:
-    raise app.UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {_REPEATS.value}, "
-                         f"{_WARMUP.value}")
-
-
-def write_table(table: str) -> None:
-  """Prints ``table`` and writes it to ``--output`` when given."""
-  print(table)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(table)
 
 
 def _ints(flag: flags.FlagHolder, minimum: int = 1) -> list[int]:
@@ -271,7 +195,7 @@ def _ints(flag: flags.FlagHolder, minimum: int = 1) -> list[int]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  check_timing_flags()
+  timing.check_timing_flags()
   if set(_MODES.value) - {"dense", "sparse"}:
     raise app.UsageError(f"--modes: expected dense and/or sparse, got {_MODES.value}")
   devices = _ints(_DEVICES)
@@ -284,7 +208,7 @@ def main(argv: Sequence[str]) -> None:
   if not cases:
     raise app.UsageError("no case selected (empty --experts/--modes and --nobaseline)")
   if _WORKER.value:
-    run_worker(_WORKER.value, cases, _WARMUP.value, _REPEATS.value)
+    run_worker(_WORKER.value, cases, timing.WARMUP.value, timing.REPEATS.value)
     return
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
@@ -292,10 +216,10 @@ def main(argv: Sequence[str]) -> None:
   for d in devices:
     machine, device_results = run_device_count(d, sys.argv)
     results += device_results
-  table = markdown_table(results, machine, warmup=_WARMUP.value, repeats=_REPEATS.value,
+  table = markdown_table(results, machine, warmup=timing.WARMUP.value, repeats=timing.REPEATS.value,
                          seconds=time.perf_counter() - start,
                          load=(load_before, os.getloadavg()[0]))
-  write_table(table)
+  timing.write_table(table)
 
 
 if __name__ == "__main__":
