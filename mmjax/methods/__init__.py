@@ -1,4 +1,5 @@
-"""Methods: EUAR, EASE, SAM-LML, EMMR and the fusion baselines, each a :class:`~mmjax.methods.base.Method`.
+"""Methods: EUAR, EASE, SAM-LML, EMMR and the fusion baselines, each a
+:class:`~mmjax.methods.base.Method`.
 
 ``build(name, config, spec)`` is the one entry point the trainer and launchers use.
 """
