@@ -37,6 +37,7 @@ _CONFIG = experiment.define_config_flag(
     os.path.join(os.path.dirname(__file__), "configs", "default.py"),
     "Base config; --methods replaces its method (and model defaults).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_COMPILATION_CACHE = experiment.define_compilation_cache_flag()
 _METHODS = flags.DEFINE_list("methods", ["euar", "concat"], "Methods to compare.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds per method (0 .. seeds-1).", lower_bound=1)
 _PROTOCOLS = flags.DEFINE_list(
@@ -113,6 +114,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
+  experiment.enable_compilation_cache(_COMPILATION_CACHE.value)
   base = _CONFIG.value
   dataset, chosen, matched, configs = experiment.exit_on_bad_input(_prepare)(base)
   train = experiment.exit_on_bad_input(experiment.train)  # e.g. a workdir run under another config
@@ -166,6 +168,8 @@ def main(argv):
     curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}{suffix}") for p in matched]
     paths = robustness.plot_curves(summary, curves, dataset.scoring, _WORKDIR.value)
     print("curves: " + ", ".join(paths))
+  if experiment.compilation_cache_line():
+    print(experiment.compilation_cache_line())
 
 
 if __name__ == "__main__":

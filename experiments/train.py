@@ -17,6 +17,7 @@ _CONFIG = experiment.define_config_flag(
     "Experiment config file (and :method[,dataset]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+_COMPILATION_CACHE = experiment.define_compilation_cache_flag()
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host; reads the cluster env).")
 
@@ -25,6 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
+  experiment.enable_compilation_cache(_COMPILATION_CACHE.value)
   if _DISTRIBUTED.value:
     experiment.initialize_distributed()
   config = _CONFIG.value
@@ -36,6 +38,8 @@ def main(argv):
   print(f"best epoch {result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
   with open(os.path.join(_WORKDIR.value, "test_metrics.json"), "w") as f:
     json.dump(test, f, indent=1)
+  if experiment.compilation_cache_line():
+    print(experiment.compilation_cache_line())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Kept importable (and tested) so that ``experiments/*.py`` stay a dozen lines of 
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import json
 import os
@@ -158,6 +159,52 @@ def define_config_flag(default: str, help_text: str):
              if a.startswith("--config.") and a.split("=")[0].split(".")[-1] == name]
     _bad_input_exit(f"{given[0] if given else '--config'}: unknown config field {name!r}"
                     + (f"; {hint.strip()}" if hint.strip() else ""))
+
+
+# XLA's persistent compilation cache of the launchers (``--compilation_cache``; "" turns it off).
+DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "mmjax", "xla")
+_cache_events: collections.Counter = collections.Counter()
+
+
+def define_compilation_cache_flag():
+  """``--compilation_cache``: where the launchers keep compiled programs across runs."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.DEFINE_string(
+      "compilation_cache", DEFAULT_COMPILATION_CACHE,
+      "XLA's persistent compilation cache: a later run with the same shapes and config loads its "
+      "compiled steps from here instead of compiling them. '' turns it off.")
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in ``path`` (``~`` expanded; ``""``: off) for
+  every program, however fast it compiles, and counts its hits and misses for
+  :func:`compilation_cache_line`. Call before the first compilation of the process."""
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if not _cache_events:  # one listener per process
+    _cache_events["dir:" + path] = 1
+    jax.monitoring.register_event_listener(_count_cache_event)
+
+
+def _count_cache_event(name: str, **kwargs) -> None:
+  del kwargs
+  if name in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+    _cache_events[name.rsplit("/", 1)[1]] += 1
+
+
+def compilation_cache_line() -> str | None:
+  """``compilation cache <dir>: H programs loaded, M compiled and stored`` since
+  :func:`enable_compilation_cache`, or ``None`` when the cache is off."""
+  where = next((k[4:] for k in _cache_events if k.startswith("dir:")), None)
+  if where is None:
+    return None
+  return (f"compilation cache {where}: {_cache_events['cache_hits']} programs loaded, "
+          f"{_cache_events['cache_misses']} compiled and stored")
 
 
 def initialize_distributed() -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -55,6 +56,24 @@ def test_train_launcher_fails_fast_with_one_line(tmp_path, args, message):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+def test_compilation_cache_makes_a_second_launch_load_every_program(tmp_path):
+  """The same run launched twice with one ``--compilation_cache``: the second compiles nothing
+  (XLA's cache-hit / miss events, as the launcher reports them) and gives the same test metrics."""
+  outputs = []
+  for run_dir in ("a", "b"):
+    result = run("experiments.train", "--config=experiments/configs/default.py:concat",
+                 "--config.num_epochs=1", f"--workdir={tmp_path / run_dir}",
+                 f"--compilation_cache={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr
+    outputs.append(result.stdout.strip().splitlines())
+  first, second = (re.fullmatch(rf"compilation cache {tmp_path / 'cache'}: (\d+) programs loaded, "
+                                r"(\d+) compiled and stored", lines[-1]).groups()
+                   for lines in outputs)
+  assert int(first[1]) > 0 and int(second[1]) == 0
+  assert int(second[0]) == int(first[0]) + int(first[1])
+  assert outputs[0][-2] == outputs[1][-2]  # "best epoch 1; test: ..."
 
 
 def test_robustness_launcher_writes_consistent_results(tmp_path):
