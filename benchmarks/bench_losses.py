@@ -30,8 +30,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before SciPy's OpenBLAS is
 
 import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
 import multiprocessing
-import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import losses
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REPEATS = flags.DEFINE_integer(
     "repeats", 200, "Timed calls per case, after one warm-up call; the median is reported.")
@@ -245,13 +248,7 @@ def time_case_isolated(case: Case, repeats: int, timeout_s: float) -> tuple[floa
 
 def machine_line() -> str:
   """``nproc``, CPU model, jax version and devices, for the record."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return (f"{os.cpu_count()} CPUs ({model}), jax {jax.__version__}, "
+  return (f"{os.cpu_count()} CPUs ({machine.cpu_model()}), jax {jax.__version__}, "
           f"devices {[str(d) for d in jax.devices()]}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")
 

@@ -8,12 +8,13 @@ Imported by those scripts (run as ``python benchmarks/<script>.py``); it defines
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from typing import Any
 
 from absl import app, flags
+
+import machine  # benchmarks/ is on sys.path: its scripts run as files
 
 REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per step; the median is reported.")
 WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls between the first call and the timed ones.")
@@ -62,13 +63,7 @@ def time_calls(step, state, batch, *, advance: bool, warmup: int, repeats: int):
 def machine_info() -> dict[str, Any]:
   """``nproc``, CPU model, jax version and the devices of this backend."""
   import jax  # pylint: disable=g-import-not-at-top
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return dict(nproc=os.cpu_count(), cpu=model, jax=jax.__version__,
+  return dict(nproc=os.cpu_count(), cpu=machine.cpu_model(), jax=jax.__version__,
               platform=jax.devices()[0].platform, device_count=jax.device_count())
 
 
