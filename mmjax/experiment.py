@@ -6,7 +6,6 @@ Kept importable (and tested) so that ``experiments/*.py`` stay a dozen lines of 
 from __future__ import annotations
 
 import ast
-import collections
 import functools
 import json
 import os
@@ -163,7 +162,7 @@ def define_config_flag(default: str, help_text: str):
 
 # XLA's persistent compilation cache of the launchers (``--compilation_cache``; "" turns it off).
 DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "mmjax", "xla")
-_cache_events: collections.Counter = collections.Counter()
+_compilation_cache = {"dir": None, "cache_hits": 0, "cache_misses": 0}  # this process's
 
 
 def define_compilation_cache_flag():
@@ -186,25 +185,24 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  if not _cache_events:  # one listener per process
-    _cache_events["dir:" + path] = 1
+  if _compilation_cache["dir"] is None:  # one listener per process
     jax.monitoring.register_event_listener(_count_cache_event)
+  _compilation_cache["dir"] = path
 
 
 def _count_cache_event(name: str, **kwargs) -> None:
   del kwargs
   if name in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
-    _cache_events[name.rsplit("/", 1)[1]] += 1
+    _compilation_cache[name.rsplit("/", 1)[1]] += 1
 
 
 def compilation_cache_line() -> str | None:
   """``compilation cache <dir>: H programs loaded, M compiled and stored`` since
   :func:`enable_compilation_cache`, or ``None`` when the cache is off."""
-  where = next((k[4:] for k in _cache_events if k.startswith("dir:")), None)
-  if where is None:
+  if _compilation_cache["dir"] is None:
     return None
-  return (f"compilation cache {where}: {_cache_events['cache_hits']} programs loaded, "
-          f"{_cache_events['cache_misses']} compiled and stored")
+  return (f"compilation cache {_compilation_cache['dir']}: {_compilation_cache['cache_hits']} "
+          f"programs loaded, {_compilation_cache['cache_misses']} compiled and stored")
 
 
 def initialize_distributed() -> None:

@@ -753,7 +753,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     for batch in iterate_batches(split, min(TEACHER_CHUNK, split.batch_size)):
       rows = np.asarray(batch.valid)
       table[np.asarray(batch.index)[rows]] = np.asarray(run(params, batch))[rows]
-    return {**state, "teacher": jnp.asarray(table)}
+    return {**state, "teacher": table}  # NumPy: the trainer places the state on its mesh
 
   def loss(params, state, batch, key, train):
     present = jnp.asarray(batch.present)
@@ -771,7 +771,7 @@ def build(config: ml_collections.ConfigDict, spec: TaskSpec) -> Method:
     total = metrics["cls"]
     if config.use_forward:
       if train and cached_teacher and "teacher" in state:  # the training split's rows
-        e_pre = state["teacher"][jnp.asarray(batch.index)]
+        e_pre = jnp.asarray(state["teacher"])[jnp.asarray(batch.index)]
       elif config.teacher_input == "clean":
         e_pre = teacher(params, batch.full_features, batch.full_step_mask, all_present(batch))
       else:
