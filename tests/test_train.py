@@ -233,6 +233,20 @@ def test_no_usable_checkpoint_is_one_error(reference, method, dataset, tmp_path)
     fit(method, dataset, _config(), workdir=str(workdir), resume=True, log=_quiet)
 
 
+def test_checkpoint_of_another_structure_is_refused_and_kept(reference, method, dataset, tmp_path):
+  """A run whose state gained an array (another version of the method) resumes a workdir: refused
+  in one line, and no checkpoint is deleted (it is foreign, not damaged)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference[1], workdir)
+  before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+  init = lambda key, batch: (method.init(key, batch)[0], {"table": jnp.zeros((4, 2))})
+  with pytest.raises(ValueError, match=r"checkpoints: .*latest/3 holds a state of another structure "
+                     r"than this run's \(\d+ arrays saved, \d+ expected\).*nothing was deleted"):
+    fit(dataclasses.replace(method, init=init), dataset, _config(), workdir=str(workdir),
+        resume=True, log=_quiet)
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
 def test_disk_full_names_the_intact_checkpoint_and_resumes(reference, method, dataset, tmp_path,
                                                           monkeypatch):
   def no_space(self, step, *args, **kwargs):

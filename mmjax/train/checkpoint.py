@@ -89,16 +89,25 @@ class Checkpointer:
     Usable = orbax restores it, its checksum matches the one saved with it, and its float leaves
     are finite. An unusable latest checkpoint (truncated, zeroed, corrupt JSON, a deleted item, a
     flipped bit) is logged, deleted (the epochs after the one restored are redone and saved again)
-    and the previous one (orbax keeps two) is tried.
+    and the previous one (orbax keeps two) is tried. A checkpoint whose saved arrays (shapes and
+    dtypes, by orbax's metadata) are not those of ``like`` is not damaged but foreign: it is refused,
+    and nothing is deleted.
 
     Raises:
-      ValueError: checkpoints exist but none is usable (naming the directory and each reason).
+      ValueError: checkpoints exist but none is usable (naming the directory and each reason), or
+        the latest one holds a state of another structure.
     """
     reasons = []
     for epoch in sorted(self._latest.all_steps(), reverse=True):
       restored, reason = self._verified(self._latest, epoch, like)
       if restored is not None:
         return restored
+      other = self._other_structure(self._latest, epoch, like)
+      if other:  # not damage: a state of another version or model; nothing is deleted
+        raise ValueError(
+            f"checkpoints: {os.path.join(self.root, 'latest', str(epoch))} holds a state of another "
+            f"structure than this run's ({other}), written by another mmjax version or model; "
+            "nothing was deleted: resume it with the code that wrote it, or train into a new workdir")
       reasons.append(f"epoch {epoch}: {reason}")
       log(f"checkpoint {os.path.join(self.root, 'latest', str(epoch))} is unusable ({reason}); "
           "falling back to the previous one")
@@ -160,6 +169,25 @@ class Checkpointer:
     self._latest.close()
     self._best.close()
     self._interrupted.close()
+
+  @staticmethod
+  def _other_structure(manager: ocp.CheckpointManager, epoch: int, like: Any) -> str | None:
+    """How the arrays saved at ``epoch`` differ from ``like``'s (the multiset of shapes and
+    dtypes, from orbax's metadata), or ``None``: the same, or the metadata unreadable (damage)."""
+    try:
+      saved = jax.tree.leaves(manager.item_metadata(epoch)["state"].tree)
+    except Exception:  # pylint: disable=broad-except  (no readable metadata: damage, not a mismatch)
+      return None
+    signature = lambda leaves: sorted(
+        (tuple(x.shape), str(jax.random.key_data(x).dtype if jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key) else x.dtype)) for x in leaves)
+    try:
+      ours, theirs = signature(jax.tree.leaves(like)), signature(saved)
+    except (AttributeError, TypeError):
+      return None
+    if ours == theirs:
+      return None
+    return f"{len(theirs)} arrays saved, {len(ours)} expected"
 
   @staticmethod
   def _verified(manager: ocp.CheckpointManager, epoch: int, like: Any):
