@@ -168,8 +168,8 @@ def main(argv):
     curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}{suffix}") for p in matched]
     paths = robustness.plot_curves(summary, curves, dataset.scoring, _WORKDIR.value)
     print("curves: " + ", ".join(paths))
-  if experiment.compilation_cache_line():
-    print(experiment.compilation_cache_line())
+  if cache_line := experiment.compilation_cache_line():
+    print(cache_line)
 
 
 if __name__ == "__main__":

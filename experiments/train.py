@@ -38,8 +38,8 @@ def main(argv):
   print(f"best epoch {result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
   with open(os.path.join(_WORKDIR.value, "test_metrics.json"), "w") as f:
     json.dump(test, f, indent=1)
-  if experiment.compilation_cache_line():
-    print(experiment.compilation_cache_line())
+  if cache_line := experiment.compilation_cache_line():
+    print(cache_line)
 
 
 if __name__ == "__main__":

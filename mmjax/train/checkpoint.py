@@ -187,7 +187,9 @@ class Checkpointer:
       return None
     if ours == theirs:
       return None
-    return f"{len(theirs)} arrays saved, {len(ours)} expected"
+    if len(ours) != len(theirs):
+      return f"{len(theirs)} arrays saved, {len(ours)} expected"
+    return f"{len(ours)} arrays, but of other shapes or dtypes"
 
   @staticmethod
   def _verified(manager: ocp.CheckpointManager, epoch: int, like: Any):
