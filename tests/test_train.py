@@ -113,6 +113,14 @@ def test_different_seed_differs(reference, method, dataset):
   assert result.history[-1]["valid/mae"] != expected.history[-1]["valid/mae"]
 
 
+@pytest.mark.parametrize("overrides", [dict(epoch_mode="stream"), dict(scan_chunk=3)])
+def test_scanned_epochs_equal_the_streaming_loop(overrides, reference, method, dataset):
+  """The reference scans each epoch (4 steps) on device-held data; streaming host batches step by
+  step, or scanning in chunks of 3 + 1 steps, gives the same run bit for bit."""
+  assert _config().epoch_mode == "auto" and reference[0].history  # the reference scans
+  _assert_same_run(fit(method, dataset, _config(**overrides), log=_quiet), reference[0])
+
+
 def test_one_device_matches_four_devices(reference, method, dataset):
   assert len(jax.devices()) == 4  # tests/conftest.py forces four CPU devices.
   result = fit(method, dataset, _config(), mesh=data_mesh(jax.devices()[:1]), log=_quiet)
@@ -262,11 +270,13 @@ def test_disk_full_names_the_intact_checkpoint_and_resumes(reference, method, da
                    reference[0])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_at_the_next_step_and_resumes_identically(signum, reference, method, dataset,
-                                                               tmp_path):
+@pytest.mark.parametrize("signum, overrides", [(signal.SIGTERM, dict(epoch_mode="stream")),
+                                               (signal.SIGINT, dict(scan_chunk=1))])
+def test_signal_saves_at_the_next_step_and_resumes_identically(signum, overrides, reference, method,
+                                                               dataset, tmp_path):
   """The signal arrives while epoch 1 is logged: the run stops after the next step (step 5, the
-  first of epoch 2), saved; the resume continues inside epoch 2 and ends as the uninterrupted run."""
+  first of epoch 2; a scanned epoch in chunks of one step), saved; the resume continues inside
+  epoch 2 and ends as the uninterrupted run."""
   expected, _ = reference
 
   def log(line):
@@ -276,10 +286,11 @@ def test_signal_saves_at_the_next_step_and_resumes_identically(signum, reference
   previous = signal.getsignal(signum)
   with pytest.raises(TrainingInterrupted, match=rf"^interrupted by {signum.name} at epoch 2, step 5: "
                      r"saved under .*; resume with --resume"):
-    fit(method, dataset, _config(), workdir=str(tmp_path), log=log)
+    fit(method, dataset, _config(**overrides), workdir=str(tmp_path), log=log)
   assert signal.getsignal(signum) is previous  # handlers put back
   lines = []
-  result = fit(method, dataset, _config(), workdir=str(tmp_path), resume=True, log=lines.append)
+  result = fit(method, dataset, _config(**overrides), workdir=str(tmp_path), resume=True,
+               log=lines.append)
   assert lines[:2] == ["resumed after epoch 1 (step 4)",
                        "continuing epoch 2 after step 5 (1 of its steps done before the interruption)"]
   _assert_same_run(result, expected)

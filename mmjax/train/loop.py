@@ -37,10 +37,11 @@ from mmjax.data import (
 from mmjax.data import protocols as protocols_lib
 from mmjax.data.train_corruption import describe as describe_corruption
 from mmjax.methods import Method, Stage, default_train_corruption
+from mmjax.train import device_data
 from mmjax.train.checkpoint import Checkpointer, latest_saved_epoch
-from mmjax.train.sharding import data_mesh, put_batch, replicated, to_host
+from mmjax.train.sharding import data_mesh, put_batch, put_replicated, replicated, to_host
 from mmjax.train.state import TrainState
-from mmjax.train.steps import compile_steps, mask_optimizer
+from mmjax.train.steps import compile_epoch, compile_steps, mask_optimizer
 
 # Validation metric used for model selection when config.select_metric == "auto".
 # Keyed by Dataset.scoring (mmjax.data.SCORINGS).
@@ -72,7 +73,14 @@ def default_train_config() -> ml_collections.ConfigDict:
       # that model selection sees the training regime (EMMR trains, validates and tests at one
       # missing ratio); False: the valid split as given.
       validate_corrupted=False,
+      # "scan": the training split on the devices once, each epoch one compiled lax.scan over its
+      # steps (mmjax.train.device_data); "stream": batches sliced on the host and copied every
+      # step (data larger than device memory); "auto": scan when the split fits.
+      epoch_mode="auto",
+      scan_chunk=0,  # steps per compiled chunk of a scanned epoch (signals act between); 0 = all
   ))
+
+EPOCH_MODES = ("auto", "scan", "stream")
 
 # fold_in(PRNGKey(seed), VALID_CORRUPTION_STREAM): the key of config.validate_corrupted.
 VALID_CORRUPTION_STREAM = 0x7A1
@@ -215,7 +223,7 @@ def fit(
     raise ValueError("resume: needs a workdir to resume from")
   run = _Run(dataset, config, mesh, metric, mode, resume, log,
              None if workdir is None else os.path.join(workdir, "metrics.jsonl"), corruption,
-             _StopRequest())
+             _StopRequest(), _device_train_split(config, dataset.splits["train"], mesh))
   if corruption is not None:
     log(describe_corruption(corruption))
   if workdir is not None:
@@ -305,6 +313,20 @@ class _Run:
   jsonl: str | None  # metrics.jsonl, or None without a workdir
   corruption: TrainCorruption | None  # train-time corruption of every training batch
   stop: _StopRequest  # a signal asking fit to save and stop
+  device_train: Batch | None  # the training split on the devices (scanned epochs), or None
+
+
+def _device_train_split(config: ml_collections.ConfigDict, train: Batch, mesh: Mesh
+                        ) -> Batch | None:
+  """The training split placed on ``mesh`` when ``config.epoch_mode`` scans epochs, else None."""
+  mode, chunk = config.get("epoch_mode", "auto"), config.get("scan_chunk", 0)
+  if mode not in EPOCH_MODES:
+    raise ValueError(f"epoch_mode: expected one of {EPOCH_MODES}, got {mode!r}")
+  if not isinstance(chunk, int) or chunk < 0:
+    raise ValueError(f"scan_chunk: expected an int >= 0 (0 = the whole epoch), got {chunk!r}")
+  if mode == "stream" or (mode == "auto" and not device_data.fits_on_device(train, mesh)):
+    return None
+  return device_data.place_split(train, mesh)
 
 
 def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int, params: Any,
@@ -323,6 +345,8 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
   if trainable is not None:
     optimizer = mask_optimizer(optimizer, trainable)
   train_step, eval_step = compile_steps(method, optimizer, mesh, trainable, run.corruption)
+  if run.device_train is not None:
+    epoch_fn = compile_epoch(method, optimizer, mesh, trainable, run.corruption)
   root = jax.random.PRNGKey(config.seed)
   if index:
     root = jax.random.fold_in(root, 2 + index)
@@ -367,14 +391,22 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
     if config.patience and progress.bad_epochs >= config.patience:
       break
     start = time.perf_counter()
-    batches = iterate_batches(train, config.batch_size, key=jax.random.fold_in(data_key, epoch),
-                              drop_remainder=config.drop_remainder, num_devices=mesh.size)
+    epoch_key = jax.random.fold_in(data_key, epoch)
     bar = _ProgressBar(steps, f"{tag}epoch {epoch}", enabled=config.progress)
-    if partial is not None:
-      batches = itertools.islice(batches, partial[0], None)
     try:
-      state, train_terms = _train_epoch(train_step, state, batches, mesh, bar, run.stop,
-                                        partial)
+      if run.device_train is None:
+        batches = iterate_batches(train, config.batch_size, key=epoch_key,
+                                  drop_remainder=config.drop_remainder, num_devices=mesh.size)
+        if partial is not None:
+          batches = itertools.islice(batches, partial[0], None)
+        state, train_terms = _train_epoch(train_step, state, batches, mesh, bar, run.stop,
+                                          partial)
+      else:
+        rows = device_data.epoch_rows(train.batch_size, config.batch_size, epoch_key,
+                                      config.drop_remainder)
+        state, train_terms = _train_epoch_scanned(epoch_fn, state, run.device_train, rows,
+                                                  config.get("scan_chunk", 0), mesh, bar,
+                                                  run.stop, partial)
     except _Interrupted as stopped:
       checkpointer.save_interrupted(stopped.state, {"epoch": epoch, "steps_done": stopped.done,
                                                     "sums": stopped.sums})
@@ -452,26 +484,62 @@ def _train_epoch(train_step: Callable[..., Any], state: TrainState, batches: Any
 
   ``partial``: ``(steps done, sums)`` of the epoch so far (``batches`` then holds the rest). After
   a step with ``stop.signum`` set, raises :class:`_Interrupted` with what ``partial`` needs."""
-  done, sums = (0, {}) if partial is None else (partial[0], dict(partial[1]))
+  terms = _EpochTerms(partial, bar)
   for batch in batches:
     state, step_metrics = train_step(state, put_batch(batch, mesh))
-    weight = float(batch.valid.sum())
-    step_metrics = jax.device_get(step_metrics)
-    for name in ("loss", "grad_norm"):
-      if name in step_metrics and not math.isfinite(float(step_metrics[name])):
-        bar.close()
-        raise _NonFinite(name, float(step_metrics[name]), int(state.step))
-    for k, v in step_metrics.items():
-      sums[k] = sums.get(k, 0.0) + weight * float(v)
-    sums["_n"] = sums.get("_n", 0.0) + weight
-    done += 1
-    bar.update()
+    terms.add(jax.device_get(step_metrics), float(batch.valid.sum()), int(state.step))
     if stop.signum is not None:
       bar.close()
-      raise _Interrupted(state, done, sums)
-  bar.close()
-  n = sums.pop("_n")
-  return state, {k: v / n for k, v in sums.items()}
+      raise _Interrupted(state, terms.done, terms.sums)
+  return state, terms.means()
+
+
+def _train_epoch_scanned(epoch_fn: Callable[..., Any], state: TrainState, split: Batch,
+                         rows: np.ndarray, chunk: int, mesh: Mesh, bar: _ProgressBar,
+                         stop: _StopRequest, partial: tuple[int, dict[str, float]] | None = None
+                         ) -> tuple[TrainState, dict[str, float]]:
+  """:func:`_train_epoch` on the device-held ``split``: ``rows`` (``[steps, B]``, from
+  :func:`~mmjax.train.device_data.epoch_rows`) in compiled chunks of ``chunk`` steps (0 = all
+  remaining), metrics fetched once per chunk; a signal is acted on after the chunk."""
+  terms = _EpochTerms(partial, bar)
+  rows = rows[terms.done:]
+  chunk = chunk or len(rows)
+  for first in range(0, len(rows), chunk):
+    step = int(state.step)
+    state, metrics, weights = epoch_fn(state, split, put_replicated(rows[first:first + chunk], mesh))
+    metrics, weights = jax.device_get((metrics, weights))
+    for i, weight in enumerate(weights):
+      terms.add({k: v[i] for k, v in metrics.items()}, float(weight), step + i + 1)
+    if stop.signum is not None:
+      bar.close()
+      raise _Interrupted(state, terms.done, terms.sums)
+  return state, terms.means()
+
+
+class _EpochTerms:
+  """Sums of one epoch's step metrics weighted by valid samples, checked finite step by step."""
+
+  def __init__(self, partial: tuple[int, dict[str, float]] | None, bar: _ProgressBar):
+    self.done, self.sums = (0, {}) if partial is None else (partial[0], dict(partial[1]))
+    self.bar = bar
+
+  def add(self, step_metrics: dict[str, Any], weight: float, step: int) -> None:
+    """One step's metrics (host scalars); ``step`` = the state's step after it."""
+    for name in ("loss", "grad_norm"):
+      if name in step_metrics and not math.isfinite(float(step_metrics[name])):
+        self.bar.close()
+        raise _NonFinite(name, float(step_metrics[name]), step)
+    for k, v in step_metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + weight * float(v)
+    self.sums["_n"] = self.sums.get("_n", 0.0) + weight
+    self.done += 1
+    self.bar.update()
+
+  def means(self) -> dict[str, float]:
+    self.bar.close()
+    sums = dict(self.sums)
+    n = sums.pop("_n")
+    return {k: v / n for k, v in sums.items()}
 
 
 def _init_params(method: Method, dataset: Dataset, config: ml_collections.ConfigDict):

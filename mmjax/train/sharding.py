@@ -47,6 +47,13 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(local_rows, batch)
 
 
+def put_replicated(x: Any, mesh: Mesh) -> Any:
+  """Places host arrays (a pytree; the same on every process) on every device of ``mesh``."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda a: jax.make_array_from_callback(
+      np.shape(a), sharding, lambda index: np.asarray(a)[index]), x)
+
+
 def to_host(x: Any) -> Any:
   """Gathers (possibly multi-process) arrays to NumPy on every process."""
   if jax.process_count() == 1:

@@ -6,11 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from mmjax.data import TRAIN_CORRUPTION_STREAM, Batch, TrainCorruption
 from mmjax.methods import Method
+from mmjax.train.device_data import gather_batch
 from mmjax.train.sharding import batch_sharding, replicated
 from mmjax.train.state import TrainState
 
@@ -89,3 +91,41 @@ def compile_steps(method: Method, optimizer: optax.GradientTransformation, mesh:
                        out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(method), in_shardings=(repl, data), out_shardings=data)
   return train_step, eval_step
+
+
+def make_epoch(train_step: Callable[..., Any], mesh: Mesh | None = None):
+  """``epoch(state, split, rows) -> (state, metrics, weights)``: ``train_step`` scanned over
+  ``rows`` (``[K, B]`` int32 from :func:`mmjax.train.device_data.epoch_rows`), each batch
+  gathered from the on-device ``split`` (:func:`~mmjax.train.device_data.gather_batch`).
+
+  ``metrics``: every metric of every step, ``[K]`` per name; ``weights``: ``[K]`` float32, the
+  valid rows of each batch. The same steps as ``train_step`` applied to the host path's batches.
+  """
+
+  def epoch(state: TrainState, split: Batch, rows: jax.Array):
+    def body(state, step_rows):
+      batch = gather_batch(split, step_rows, mesh)
+      state, metrics = train_step(state, batch)
+      return state, (metrics, jnp.sum(batch.valid).astype(jnp.float32))
+
+    state, (metrics, weights) = jax.lax.scan(body, state, rows)
+    return state, metrics, weights
+
+  return epoch
+
+
+def compile_epoch(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh,
+                  trainable: Any = None, corruption: TrainCorruption | None = None,
+                  stacked: bool = False) -> Callable[..., Any]:
+  """:func:`make_epoch` of :func:`make_train_step`, jitted over ``mesh``: state replicated and
+  donated, split and rows replicated (each device gathers its shard of every batch).
+
+  ``stacked``: trains ``S`` states stacked on a leading seed axis (every leaf ``[S, ...]``), with
+  ``rows`` ``[S, K, B]`` (each seed its own order) on one shared split: ``jax.vmap`` of the epoch.
+  """
+  repl = replicated(mesh)
+  epoch = make_epoch(make_train_step(method, optimizer, trainable, corruption), mesh)
+  if stacked:
+    epoch = jax.vmap(epoch, in_axes=(0, None, 0))
+  return jax.jit(epoch, in_shardings=(repl, repl, repl), out_shardings=(repl, repl, repl),
+                 donate_argnums=0)

@@ -1,0 +1,104 @@
+"""A training split held on the devices, and the batches of an epoch gathered from it on device.
+
+The streaming path (:func:`mmjax.data.iterate_batches` + :func:`~mmjax.train.sharding.put_batch`)
+slices every batch on the host and copies it to the devices each step. When the split fits in
+device memory (every data set of the four papers does), :func:`place_split` copies it once and an
+epoch becomes a matrix of row indices, :func:`epoch_rows` (``[steps, B]``, ``-1`` = a padding
+row); :func:`gather_batch`, inside the compiled epoch (:func:`mmjax.train.steps.compile_epoch`),
+builds each batch from it, equal to the host path's batch value for value.
+
+Placement: the split is *replicated* on every device of the mesh, and each gathered batch is
+constrained to the ``'data'`` sharding, so every device gathers its own rows locally. A split
+sharded over ``'data'`` would need an all-to-all per step (a random permutation's rows live on
+every device); replicating costs the split's bytes per device, which :func:`fits_on_device`
+checks. Arrays of the split that are equal are placed once and shared (the clean copy
+``full_features`` of a clean training split is ``features`` itself), so a method that reads the
+clean copy and one that does not see the same batch, at no extra device memory.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mmjax.data import Batch, num_batches
+from mmjax.train.sharding import batch_sharding, put_replicated
+
+# Share of a device's memory a replicated split may take (the rest: parameters, activations).
+DEVICE_MEMORY_SHARE = 0.25
+# Budget when the device reports no memory limit (the CPU backend).
+DEFAULT_BUDGET_BYTES = 4 << 30
+
+
+def split_bytes(split: Batch) -> int:
+  """Bytes :func:`place_split` puts on each device: equal arrays count once."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(split)]
+  return sum(leaves[i].nbytes for i in set(_representatives(leaves)))
+
+
+def fits_on_device(split: Batch, mesh: Mesh) -> bool:
+  """Whether ``split`` replicated takes at most :data:`DEVICE_MEMORY_SHARE` of the smallest
+  device memory of ``mesh`` (:data:`DEFAULT_BUDGET_BYTES` where devices report no limit)."""
+  limits = []
+  for device in mesh.devices.flat:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+      limits.append(DEVICE_MEMORY_SHARE * stats["bytes_limit"])
+  budget = min(limits) if limits else DEFAULT_BUDGET_BYTES
+  return split_bytes(split) <= budget
+
+
+def place_split(split: Batch, mesh: Mesh) -> Batch:
+  """``split`` (NumPy, ``[N, ...]``) replicated on every device of ``mesh``, equal arrays shared.
+
+  Works under several processes (each holds the same split; every process places its devices'
+  copies)."""
+  leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, split))
+  representative = _representatives(leaves)
+  placed = {i: put_replicated(leaves[i], mesh) for i in sorted(set(representative))}
+  return jax.tree.unflatten(tree, [placed[i] for i in representative])
+
+
+def epoch_rows(n: int, batch_size: int, key: jax.Array | None,
+               drop_remainder: bool = False) -> np.ndarray:
+  """``[steps, batch_size]`` int32: the split rows of each batch of one epoch, ``-1`` = padding.
+
+  The order of :func:`mmjax.data.iterate_batches` with the same arguments:
+  ``jax.random.permutation(key, n)`` (``0 .. n-1`` without a key), cut into batches; the last
+  partial batch is padded (or dropped with ``drop_remainder``)."""
+  order = np.arange(n) if key is None else np.asarray(jax.random.permutation(key, n))
+  steps = num_batches(n, batch_size, drop_remainder)
+  rows = np.full(steps * batch_size, -1, np.int32)
+  used = min(n, steps * batch_size)
+  rows[:used] = order[:used]
+  return rows.reshape(steps, batch_size)
+
+
+def gather_batch(split: Batch, rows: jax.Array, mesh: Mesh | None = None) -> Batch:
+  """The batch of ``rows`` (``[B]`` int32, ``-1`` = padding) of an on-device ``split``; jittable.
+
+  A padding row is all zeros (``valid``, ``present``, ``step_mask`` False, label 0, index 0), as
+  the host path pads. With ``mesh`` the batch is constrained to the ``'data'`` sharding."""
+  real = rows >= 0
+  safe = jnp.maximum(rows, 0)
+
+  def take(x):
+    picked = jnp.take(x, safe, axis=0)
+    return jnp.where(real.reshape(-1, *([1] * (x.ndim - 1))), picked, jnp.zeros((), x.dtype))
+
+  batch = jax.tree.map(take, split)
+  if mesh is not None:
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+  return batch
+
+
+def _representatives(leaves: list[np.ndarray]) -> list[int]:
+  """For each leaf, the index of the first leaf equal to it (same shape, dtype and values)."""
+  first = []
+  for i, x in enumerate(leaves):
+    first.append(next((j for j in sorted(set(first)) if leaves[j].shape == x.shape
+                       and leaves[j].dtype == x.dtype and np.array_equal(leaves[j], x)), i))
+  return first
