@@ -25,7 +25,8 @@ import pytest
 from mmjax.data import make_synthetic, standardize
 from mmjax.methods import Method, TaskSpec, build, default_model_config
 from mmjax.train import (
-    FitResult, TrainingDiverged, TrainingInterrupted, data_mesh, default_train_config, evaluate, fit)
+    FitResult, TrainingDiverged, TrainingInterrupted, data_mesh, default_train_config, evaluate, fit,
+    fit_seeds)
 
 NUM_EPOCHS = 3
 
@@ -131,6 +132,28 @@ def test_one_device_matches_four_devices(reference, method, dataset):
     for key in want:
       if key.startswith(("train/", "valid/")):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+def test_vmapped_seeds_equal_separate_runs(reference, method, dataset, tmp_path):
+  """Seeds 1 and 0 in one vmapped program: each equals its own fit (batched matmuls round
+  differently: ~1e-7), and each seed's folder is a finished fit's, which resume reloads as is."""
+  dirs = [tmp_path / "seed1", tmp_path / "seed0"]
+  together = fit_seeds(method, dataset, _config(), [1, 0], workdirs=dirs,
+                       log=lambda seed, line: None)
+  alone = [fit(method, dataset, _config(seed=1), log=_quiet), reference[0]]
+  for got, want in zip(together, alone):
+    assert got.best_epoch == want.best_epoch
+    chex.assert_trees_all_close(got.state, want.state, rtol=1e-5, atol=1e-6)
+    assert len(got.history) == len(want.history)
+    for g, w in zip(got.history, want.history):
+      assert {k: v for k, v in g.items() if k != "seconds"} == pytest.approx(
+          {k: v for k, v in w.items() if k != "seconds"}, rel=1e-5, abs=1e-6)
+  assert together[0].history[-1]["train/loss"] != together[1].history[-1]["train/loss"]
+  lines = []
+  reloaded = fit(method, dataset, _config(), workdir=str(dirs[1]), resume=True, log=lines.append)
+  assert lines == [f"resumed after epoch {NUM_EPOCHS} (step {4 * NUM_EPOCHS})"]
+  _assert_same_run(reloaded, together[1])
+  assert _read_jsonl(str(dirs[1])) == together[1].history
 
 
 # ----------------------------------------------------------------------------- kill + resume

@@ -41,10 +41,13 @@ def split_bytes(split: Batch) -> int:
 
 def fits_on_device(split: Batch, mesh: Mesh) -> bool:
   """Whether ``split`` replicated takes at most :data:`DEVICE_MEMORY_SHARE` of the smallest
-  device memory of ``mesh`` (:data:`DEFAULT_BUDGET_BYTES` where devices report no limit)."""
+  memory of this process's devices in ``mesh`` (:data:`DEFAULT_BUDGET_BYTES` where they report no
+  limit). Processes of one run hold equal devices, so they agree."""
   limits = []
   for device in mesh.devices.flat:
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if device.process_index != jax.process_index():
+      continue  # memory_stats() answers for this process's devices only
+    stats = device.memory_stats()
     if stats and stats.get("bytes_limit"):
       limits.append(DEVICE_MEMORY_SHARE * stats["bytes_limit"])
   budget = min(limits) if limits else DEFAULT_BUDGET_BYTES

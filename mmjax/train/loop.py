@@ -215,10 +215,7 @@ def fit(
   metric, mode = _selection(config, dataset.scoring)
   stages = _check_stages(method)
   corruption = train_corruption(method, dataset, config)
-  if config.get("validate_corrupted", False) and corruption is not None:
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), VALID_CORRUPTION_STREAM)
-    valid = jax.tree.map(np.asarray, jax.jit(corruption)(key, dataset.splits["valid"]))
-    dataset = dataclasses.replace(dataset, splits={**dataset.splits, "valid": valid})
+  dataset = _with_validation_split(dataset, config, corruption)
   if resume and workdir is None:
     raise ValueError("resume: needs a workdir to resume from")
   run = _Run(dataset, config, mesh, metric, mode, resume, log,
@@ -245,6 +242,18 @@ def fit(
     for checkpointer in checkpointers:
       checkpointer.close()
   return dataclasses.replace(result, history=history)
+
+
+def _with_validation_split(dataset: Dataset, config: ml_collections.ConfigDict,
+                           corruption: TrainCorruption | None) -> Dataset:
+  """``dataset`` with the valid split model selection sees: as given or, with
+  ``config.validate_corrupted``, corrupted once with ``fold_in(PRNGKey(seed),
+  VALID_CORRUPTION_STREAM)``."""
+  if not config.get("validate_corrupted", False) or corruption is None:
+    return dataset
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), VALID_CORRUPTION_STREAM)
+  valid = jax.tree.map(np.asarray, jax.jit(corruption)(key, dataset.splits["valid"]))
+  return dataclasses.replace(dataset, splits={**dataset.splits, "valid": valid})
 
 
 class TrainingInterrupted(Exception):
@@ -337,31 +346,15 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
   ``earlier`` is the history of the previous stages (rewritten to ``metrics.jsonl`` together with
   this stage's restored epochs). Returns this stage's best state and its own history.
   """
-  config, mesh, stage = run.config, run.mesh, stages[index]
-  method = dataclasses.replace(method, loss=stage.loss, predict=stage.predict or method.predict,
-                               stages=())
-  trainable = _trainable_mask(stage, index, params)
-  optimizer = make_optimizer(config)
-  if trainable is not None:
-    optimizer = mask_optimizer(optimizer, trainable)
-  train_step, eval_step = compile_steps(method, optimizer, mesh, trainable, run.corruption)
+  config, mesh = run.config, run.mesh
+  setup = _StageSetup.create(run, method, stages, index, params)
+  method, tag = setup.method, setup.tag
+  train_step, eval_step = compile_steps(method, setup.optimizer, mesh, setup.trainable,
+                                        run.corruption)
   if run.device_train is not None:
-    epoch_fn = compile_epoch(method, optimizer, mesh, trainable, run.corruption)
-  root = jax.random.PRNGKey(config.seed)
-  if index:
-    root = jax.random.fold_in(root, 2 + index)
-  if stage.prepare is not None:
-    method_state = stage.prepare(params, method_state, run.dataset.splits["train"])
-  state = jax.device_put(_new_state(params, method_state, optimizer, jax.random.fold_in(root, 1)),
+    epoch_fn = compile_epoch(method, setup.optimizer, mesh, setup.trainable, run.corruption)
+  state = jax.device_put(setup.start_state(params, method_state, run.dataset.splits["train"]),
                          replicated(mesh))
-  num_epochs = config.num_epochs if stage.num_epochs is None else stage.num_epochs
-  tag = f"[{stage.name}] " if stage.name else ""
-  if stage.name:
-    total = len(jax.tree.leaves(params))
-    count = total if trainable is None else sum(jax.tree.leaves(trainable))
-    run.log(f"{tag}stage {index + 1}/{len(stages)}: {count}/{total} parameter arrays trainable, "
-            f"up to {num_epochs} epochs")
-
   progress = _Bookkeeping()
   partial = None  # (steps done, metric sums) of an epoch interrupted by a signal
   # Host copy (the step donates the device buffers); stays the start state if no epoch improves.
@@ -384,10 +377,10 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
   if run.jsonl is not None:  # the restored epochs, or none: drops lines of epochs never saved
     _write_jsonl(run.jsonl, earlier + progress.history)
 
-  data_key = jax.random.fold_in(root, 2)
+  data_key = jax.random.fold_in(setup.root, 2)
   train = run.dataset.splits["train"]
   steps = num_batches(train.batch_size, config.batch_size, config.drop_remainder)
-  for epoch in range(progress.epoch + 1, num_epochs + 1):
+  for epoch in range(progress.epoch + 1, setup.num_epochs + 1):
     if config.patience and progress.bad_epochs >= config.patience:
       break
     start = time.perf_counter()
@@ -416,44 +409,115 @@ def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
           f"under {checkpointer.root}; resume with --resume (fit(..., resume=True)) and the same "
           "config", run.stop.signum) from None
     except _NonFinite as bad:
-      kept = (f"the checkpoints up to epoch {progress.epoch} are kept"
-              if checkpointer is not None and progress.epoch else "no checkpoint was written")
-      raise TrainingDiverged(
-          f"{tag}training diverged at epoch {epoch}, step {bad.step}: {bad.name} = {bad.value}; "
-          f"{kept}; lower learning_rate or set grad_clip_norm") from None
-    valid = evaluate(method, state, run.dataset.splits["valid"], run.dataset.scoring,
-                     batch_size=config.eval_batch_size, mesh=mesh, eval_step=eval_step)
-    improved = _better(valid[run.metric], progress.best_value, run.mode)
-    # A tie with the best value keeps the later (longer-trained) state; patience still counts
-    # from the last strict improvement. Small validation splits tie often (20 samples at 100 %).
-    tied = not improved and valid[run.metric] == progress.best_value
-    if improved or tied:
-      progress.best_epoch, best_state = epoch, jax.device_get(state)
-    if improved:
-      progress.best_value, progress.bad_epochs = valid[run.metric], 0
-    else:
-      progress.bad_epochs += 1
-    record = {**({"stage": stage.name} if stage.name else {}),
-              "epoch": epoch, "step": int(state.step), "seconds": time.perf_counter() - start,
-              **{f"train/{k}": v for k, v in train_terms.items()},
-              **{f"valid/{k}": v for k, v in valid.items()}}
-    progress.epoch = epoch
-    progress.history.append(record)
-    run.log(tag + _epoch_line(record, run.metric, improved))
+      raise _diverged(tag, epoch, bad, checkpointer, progress) from None
+    best = _close_epoch(run, setup, progress, epoch, state, train_terms,
+                        time.perf_counter() - start, eval_step, checkpointer)
+    if best is not None:
+      best_state = best
     partial = None
-    if checkpointer is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
-      try:
-        checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved or tied)
-      except OSError as e:  # e.g. disk full: orbax renames complete saves only
-        kept = (f"epoch {epoch - 1} in {os.path.join(checkpointer.root, 'latest')} is intact"
-                if epoch > 1 else "no earlier checkpoint")
-        raise OSError(e.errno, f"{tag}the checkpoint of epoch {epoch} could not be written "
-                      f"({e.strerror or e}); {kept}; free space and resume with --resume") from e
-      checkpointer.clear_interrupted()
-      _write_jsonl(run.jsonl, [record], mode="a")
+  return _stage_result(best_state, progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageSetup:
+  """What one stage of :func:`fit` (or of every seed of :func:`mmjax.train.fit_seeds`) trains
+  with: the stage's method, optimiser and trainable mask, its root key, epochs and log tag."""
+
+  stage: Stage
+  index: int
+  num_stages: int
+  method: Method  # the stage's loss and predict
+  trainable: Any  # Python-bool pytree or None (all trainable)
+  optimizer: optax.GradientTransformation
+  root: jax.Array  # PRNGKey(seed), folded with 2 + index for stages after the first
+  num_epochs: int
+  tag: str  # "[<stage>] " or ""
+
+  @classmethod
+  def create(cls, run: _Run, method: Method, stages: tuple[Stage, ...], index: int,
+             params: Any) -> _StageSetup:
+    config, stage = run.config, stages[index]
+    trainable = _trainable_mask(stage, index, params)
+    optimizer = make_optimizer(config)
+    if trainable is not None:
+      optimizer = mask_optimizer(optimizer, trainable)
+    root = jax.random.PRNGKey(config.seed)
+    if index:
+      root = jax.random.fold_in(root, 2 + index)
+    setup = cls(
+        stage=stage, index=index, num_stages=len(stages),
+        method=dataclasses.replace(method, loss=stage.loss,
+                                   predict=stage.predict or method.predict, stages=()),
+        trainable=trainable, optimizer=optimizer, root=root,
+        num_epochs=config.num_epochs if stage.num_epochs is None else stage.num_epochs,
+        tag=f"[{stage.name}] " if stage.name else "")
+    if stage.name:
+      total = len(jax.tree.leaves(params))
+      count = total if trainable is None else sum(jax.tree.leaves(trainable))
+      run.log(f"{setup.tag}stage {index + 1}/{len(stages)}: {count}/{total} parameter arrays "
+              f"trainable, up to {setup.num_epochs} epochs")
+    return setup
+
+  def start_state(self, params: Any, method_state: Any, train: Batch) -> TrainState:
+    """Step 0 from ``(params, method_state)`` (through ``stage.prepare``), fresh optimiser."""
+    if self.stage.prepare is not None:
+      method_state = self.stage.prepare(params, method_state, train)
+    return _new_state(params, method_state, self.optimizer, jax.random.fold_in(self.root, 1))
+
+
+def _close_epoch(run: _Run, setup: _StageSetup, progress: _Bookkeeping, epoch: int,
+                 state: TrainState, train_terms: dict[str, float], seconds: float,
+                 eval_step: Callable[..., Any], checkpointer: Checkpointer | None
+                 ) -> TrainState | None:
+  """Validates ``state`` after ``epoch``, updates ``progress``, logs, checkpoints and appends to
+  ``metrics.jsonl``. Returns the host copy of ``state`` when it becomes the selected one."""
+  config, tag = run.config, setup.tag
+  valid = evaluate(setup.method, state, run.dataset.splits["valid"], run.dataset.scoring,
+                   batch_size=config.eval_batch_size, mesh=run.mesh, eval_step=eval_step)
+  improved = _better(valid[run.metric], progress.best_value, run.mode)
+  # A tie with the best value keeps the later (longer-trained) state; patience still counts
+  # from the last strict improvement. Small validation splits tie often (20 samples at 100 %).
+  tied = not improved and valid[run.metric] == progress.best_value
+  best_state = None
+  if improved or tied:
+    progress.best_epoch, best_state = epoch, jax.device_get(state)
+  if improved:
+    progress.best_value, progress.bad_epochs = valid[run.metric], 0
+  else:
+    progress.bad_epochs += 1
+  record = {**({"stage": setup.stage.name} if setup.stage.name else {}),
+            "epoch": epoch, "step": int(state.step), "seconds": seconds,
+            **{f"train/{k}": v for k, v in train_terms.items()},
+            **{f"valid/{k}": v for k, v in valid.items()}}
+  progress.epoch = epoch
+  progress.history.append(record)
+  run.log(tag + _epoch_line(record, run.metric, improved))
+  if checkpointer is not None:  # checkpoint first: metrics.jsonl never runs ahead of it
+    try:
+      checkpointer.save(epoch, state, dataclasses.asdict(progress), best=improved or tied)
+    except OSError as e:  # e.g. disk full: orbax renames complete saves only
+      kept = (f"epoch {epoch - 1} in {os.path.join(checkpointer.root, 'latest')} is intact"
+              if epoch > 1 else "no earlier checkpoint")
+      raise OSError(e.errno, f"{tag}the checkpoint of epoch {epoch} could not be written "
+                    f"({e.strerror or e}); {kept}; free space and resume with --resume") from e
+    checkpointer.clear_interrupted()
+    _write_jsonl(run.jsonl, [record], mode="a")
+  return best_state
+
+
+def _stage_result(best_state: TrainState, progress: _Bookkeeping) -> FitResult:
   best_valid = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
   return FitResult(state=best_state, history=progress.history, best_epoch=progress.best_epoch,
                    best_valid={k[6:]: v for k, v in best_valid.items() if k.startswith("valid/")})
+
+
+def _diverged(tag: str, epoch: int, bad: _NonFinite, checkpointer: Checkpointer | None,
+              progress: _Bookkeeping) -> TrainingDiverged:
+  kept = (f"the checkpoints up to epoch {progress.epoch} are kept"
+          if checkpointer is not None and progress.epoch else "no checkpoint was written")
+  return TrainingDiverged(
+      f"{tag}training diverged at epoch {epoch}, step {bad.step}: {bad.name} = {bad.value}; "
+      f"{kept}; lower learning_rate or set grad_clip_norm")
 
 
 class TrainingDiverged(ValueError):
