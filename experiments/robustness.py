@@ -5,6 +5,8 @@
 Writes ``results.json`` (every metric, every seed), ``results.md`` (mean ± std over seeds) and one
 PNG curve per protocol under ``--workdir``; prints the Markdown table. A seed whose training finished
 earlier in the same workdir is not retrained: its best checkpoint is loaded (``--resume`` semantics).
+``--vmap_seeds`` trains a method's fresh seeds together as one vmapped program (same results, one
+compilation; ``mmjax.train.fit_seeds``).
 
 Every model trains with ``--config.train_corruption`` (default ``method``: each method's own paper
 regime; ``fair`` or any spec gives every method the same corrupted training data, see
@@ -40,6 +42,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 _COMPILATION_CACHE = experiment.define_compilation_cache_flag()
 _METHODS = flags.DEFINE_list("methods", ["euar", "concat"], "Methods to compare.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds per method (0 .. seeds-1).", lower_bound=1)
+_VMAP_SEEDS = flags.DEFINE_bool(
+    "vmap_seeds", False,
+    "Train the seeds of a method that have not started yet as one vmapped program "
+    "(mmjax.train.fit_seeds: compiled once, each seed's result equals its own run); seeds that "
+    "started earlier are resumed one by one.")
 _PROTOCOLS = flags.DEFINE_list(
     "protocols", ["missing_rate", "fixed_subsets", "sample_gaussian", "gaussian", "salt_pepper",
                   "mix"],
@@ -121,11 +128,22 @@ def main(argv):
   per_method = {}
   for name, config in configs.items():
     runs = []
-    for seed in range(_SEEDS.value):
+    workdirs = [os.path.join(_WORKDIR.value, name, f"seed{seed}") for seed in range(_SEEDS.value)]
+    together = {}  # seed -> FitResult of the vmapped group
+    fresh = [seed for seed, workdir in enumerate(workdirs) if not _started(workdir)]
+    if _VMAP_SEEDS.value and len(fresh) > 1:
+      method = experiment.build_method(config, dataset)
+      results = experiment.exit_on_bad_input(experiment.train_seeds)(
+          config, [workdirs[s] for s in fresh], fresh, dataset=dataset, method=method,
+          log=lambda seed, line, n=name: print(f"[{n} s{seed}] {line}"))
+      together = dict(zip(fresh, results))
+    for seed, workdir in enumerate(workdirs):
       config.seed = seed
-      workdir = os.path.join(_WORKDIR.value, name, f"seed{seed}")
-      method, _, result = train(config, workdir, resume=_started(workdir), dataset=dataset,
-                                log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
+      if seed in together:
+        result = together[seed]
+      else:
+        method, _, result = train(config, workdir, resume=_started(workdir), dataset=dataset,
+                                  log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
       key = jax.random.PRNGKey(1000 + seed)
       run = robustness.sweep(_predictor(method, result.state, config), dataset.splits["test"],
                              dataset.scoring, chosen, key, split_metrics)

@@ -18,7 +18,8 @@ import ml_collections
 from mmjax import data as data_lib
 from mmjax import methods
 from mmjax.train import (
-    FitResult, TrainingInterrupted, check_workdir, default_train_config, fit, train_corruption)
+    FitResult, TrainingInterrupted, check_workdir, default_train_config, fit, fit_seeds,
+    train_corruption)
 
 
 def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collections.ConfigDict:
@@ -295,19 +296,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | None, *, resume: boo
   if method is None:
     method = build_method(config, dataset)
   if workdir is not None:
-    saved = os.path.join(workdir, "config.json")
-    if resume and os.path.exists(saved):
-      with open(saved) as f:
-        check_resume_config(json.load(f), config, saved)
-    check_workdir(method, workdir, resume, log=lambda _: None)  # before config.json is written
-    os.makedirs(workdir, exist_ok=True)
-    with open(saved, "w") as f:
-      f.write(config.to_json(indent=1))
+    _start_workdir(config, workdir, resume, method)
   return method, dataset, fit(method, dataset, config, workdir=workdir, resume=resume, log=log)
 
 
+def train_seeds(config: ml_collections.ConfigDict, workdirs: list[str], seeds: list[int], *,
+                dataset: data_lib.Dataset, method: methods.Method,
+                log: Callable[[int, str], None]) -> list[FitResult]:
+  """:func:`train` of each of ``seeds`` into its fresh folder of ``workdirs`` (``config.json``
+  with that seed), trained together as one vmapped program (:func:`mmjax.train.fit_seeds`)."""
+  check_config(config)
+  for seed, workdir in zip(seeds, workdirs):
+    seed_config = config.copy_and_resolve_references()
+    seed_config.seed = seed
+    _start_workdir(seed_config, workdir, False, method)
+  return fit_seeds(method, dataset, config, seeds, workdirs=workdirs, log=log)
+
+
+def _start_workdir(config: ml_collections.ConfigDict, workdir: str, resume: bool,
+                   method: methods.Method) -> None:
+  """Checks ``workdir`` for this run (a resumed one: against its saved config) and writes
+  ``config.json`` there."""
+  saved = os.path.join(workdir, "config.json")
+  if resume and os.path.exists(saved):
+    with open(saved) as f:
+      check_resume_config(json.load(f), config, saved)
+  check_workdir(method, workdir, resume, log=lambda _: None)  # before config.json is written
+  os.makedirs(workdir, exist_ok=True)
+  with open(saved, "w") as f:
+    f.write(config.to_json(indent=1))
+
+
 # Fields a resumed run may change: they extend or show the run, never alter its epochs so far.
-RESUMABLE_FIELDS = ("num_epochs", "patience", "progress")
+# (epoch_mode / scan_chunk choose how the same steps are run: scanned and streamed epochs agree.)
+RESUMABLE_FIELDS = ("num_epochs", "patience", "progress", "epoch_mode", "scan_chunk")
 
 
 def check_resume_config(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
