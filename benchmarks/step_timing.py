@@ -24,16 +24,22 @@ SEQ_LEN = 50
 FEATURE_DIMS = {"text": 768, "audio": 74, "vision": 47}  # MOSI aligned_50 feature widths
 
 
-def make_dataset(batch_size: int, seed: int = 0):
-  """A regression :class:`~mmjax.data.Dataset` whose three splits are one random MOSI-shaped batch."""
+def make_dataset(batch_size: int, seed: int = 0, task: str = "regression"):
+  """A :class:`~mmjax.data.Dataset` whose three splits are one random MOSI-shaped batch: sentiment
+  scores in [-3, 3], or for ``task="classification"`` those scores in 3 classes (negative /
+  neutral / positive, :func:`mmjax.data.sentiment_to_class`)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mmjax import data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   features = {m: rng.standard_normal((batch_size, SEQ_LEN, d)).astype(np.float32)
               for m, d in FEATURE_DIMS.items()}
   label = rng.uniform(-3.0, 3.0, batch_size).astype(np.float32)  # MOSI sentiment range
-  batch = data.Batch.create(features, label, task="regression")
-  return data.Dataset("bench", "regression", None, {s: batch for s in data.SPLITS})
+  num_classes = None
+  if task == "classification":
+    num_classes = 3
+    label = np.asarray(data.sentiment_to_class(label, num_classes), np.int32)
+  batch = data.Batch.create(features, label, task=task, num_classes=num_classes)
+  return data.Dataset("bench", task, num_classes, {s: batch for s in data.SPLITS})
 
 
 def step_cost(step, *args) -> tuple[float, float]:
@@ -67,7 +73,7 @@ def machine_info() -> dict[str, Any]:
               platform=jax.devices()[0].platform, device_count=jax.device_count())
 
 
-def step_table_footer(batch_size: int, labels: str, warmup: int, repeats: int,
+def step_table_footer(batch_size: int | str, labels: str, warmup: int, repeats: int,
                       machine: dict[str, Any], load: tuple[float, float]) -> str:
   """The line under a one-device step-time table (bench_methods, bench_emmr): shapes, timing, machine."""
   return (f"B = {batch_size}; text [B, {SEQ_LEN}, {FEATURE_DIMS['text']}], audio [B, {SEQ_LEN}, "

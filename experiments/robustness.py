@@ -26,6 +26,7 @@ own name.
 """
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -34,12 +35,14 @@ from absl import app, flags, logging
 from mmjax import experiment, robustness
 from mmjax.methods.samlml import REPRESENTATION_PROTOCOLS
 from mmjax.train import predict, split_metrics
+from mmjax.train.sharding import is_main_process
 
 _CONFIG = experiment.define_config_flag(
     os.path.join(os.path.dirname(__file__), "configs", "default.py"),
     "Base config; --methods replaces its method (and model defaults).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _COMPILATION_CACHE = experiment.define_compilation_cache_flag()
+_DISTRIBUTED = experiment.define_distributed_flag()
 _METHODS = flags.DEFINE_list("methods", ["euar", "concat"], "Methods to compare.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds per method (0 .. seeds-1).", lower_bound=1)
 _VMAP_SEEDS = flags.DEFINE_bool(
@@ -122,6 +125,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the output
   experiment.enable_compilation_cache(_COMPILATION_CACHE.value)
+  if _DISTRIBUTED.value:
+    experiment.initialize_distributed()
   base = _CONFIG.value
   dataset, chosen, matched, configs = experiment.exit_on_bad_input(_prepare)(base)
   train = experiment.exit_on_bad_input(experiment.train)  # e.g. a workdir run under another config
@@ -135,7 +140,7 @@ def main(argv):
       method = experiment.build_method(config, dataset)
       results = experiment.exit_on_bad_input(experiment.train_seeds)(
           config, [workdirs[s] for s in fresh], fresh, dataset=dataset, method=method,
-          log=lambda seed, line, n=name: print(f"[{n} s{seed}] {line}"))
+          log=lambda seed, line, n=name: experiment.say(f"[{n} s{seed}] {line}"))
       together = dict(zip(fresh, results))
     for seed, workdir in enumerate(workdirs):
       config.seed = seed
@@ -143,7 +148,7 @@ def main(argv):
         result = together[seed]
       else:
         method, _, result = train(config, workdir, resume=_started(workdir), dataset=dataset,
-                                  log=lambda line, n=name, s=seed: print(f"[{n} s{s}] {line}"))
+                                  log=lambda line, n=name, s=seed: experiment.say(f"[{n} s{s}] {line}"))
       key = jax.random.PRNGKey(1000 + seed)
       run = robustness.sweep(_predictor(method, result.state, config), dataset.splits["test"],
                              dataset.scoring, chosen, key, split_metrics)
@@ -164,7 +169,7 @@ def main(argv):
           level_method, _, fitted = train(
               level_config, level_dir, resume=_started(level_dir), dataset=data,
               method=method if at_input else None,
-              log=lambda line: print(f"[{name} s{seed} {label}={level}] {line}"))
+              log=lambda line: experiment.say(f"[{name} s{seed} {label}={level}] {line}"))
           return _predictor(level_method, fitted.state, config)
         run[label] = robustness.matched_sweep(fit_level, dataset, protocol, key, split_metrics,
                                               at_input=at_input)
@@ -172,22 +177,22 @@ def main(argv):
     per_method[name] = runs
   summary = {name: robustness.aggregate(runs) for name, runs in per_method.items()}
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  robustness.write_json(os.path.join(_WORKDIR.value, "results.json"),
-                        {"dataset": dataset.name, "seeds": _SEEDS.value, "per_seed": per_method,
-                         "summary": summary})
+  experiment.write_results(os.path.join(_WORKDIR.value, "results.json"), json.dumps(
+      {"dataset": dataset.name, "seeds": _SEEDS.value, "per_seed": per_method,
+       "summary": summary}, indent=1))
   gains = robustness.gain_table(summary, dataset.scoring)
   table = (gains + "\n" if gains else "") + robustness.markdown_table(summary, dataset.scoring)
-  with open(os.path.join(_WORKDIR.value, "results.md"), "w") as f:
-    f.write(f"# Robustness on {dataset.name} ({_SEEDS.value} seeds, mean ± std; "
-            f"train_corruption={base.train_corruption!r})\n\n{table}")
-  print(table)
-  if _PLOTS.value:
+  experiment.write_results(os.path.join(_WORKDIR.value, "results.md"),
+                           f"# Robustness on {dataset.name} ({_SEEDS.value} seeds, mean ± std; "
+                           f"train_corruption={base.train_corruption!r})\n\n{table}")
+  experiment.say(table)
+  if _PLOTS.value and is_main_process():
     suffix = "" if _NOISE_LEVEL.value == "input" else "_representation"
     curves = chosen + [dataclasses.replace(p, name=f"matched_{p.name}{suffix}") for p in matched]
     paths = robustness.plot_curves(summary, curves, dataset.scoring, _WORKDIR.value)
-    print("curves: " + ", ".join(paths))
+    experiment.say("curves: " + ", ".join(paths))
   if cache_line := experiment.compilation_cache_line():
-    print(cache_line)
+    experiment.say(cache_line)
 
 
 if __name__ == "__main__":

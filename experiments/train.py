@@ -18,8 +18,7 @@ _CONFIG = experiment.define_config_flag(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
 _COMPILATION_CACHE = experiment.define_compilation_cache_flag()
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host; reads the cluster env).")
+_DISTRIBUTED = experiment.define_distributed_flag()
 
 
 def main(argv):
@@ -35,11 +34,12 @@ def main(argv):
       config, _WORKDIR.value, resume=_RESUME.value, dataset=dataset, method=method)
   test = evaluate(method, result.state, dataset.splits["test"], dataset.scoring,
                   batch_size=config.eval_batch_size)
-  print(f"best epoch {result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
-  with open(os.path.join(_WORKDIR.value, "test_metrics.json"), "w") as f:
-    json.dump(test, f, indent=1)
+  experiment.say(f"best epoch {result.best_epoch}; test: "
+                 + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+  experiment.write_results(os.path.join(_WORKDIR.value, "test_metrics.json"),
+                           json.dumps(test, indent=1))
   if cache_line := experiment.compilation_cache_line():
-    print(cache_line)
+    experiment.say(cache_line)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from mmjax import methods
 from mmjax.train import (
     FitResult, TrainingInterrupted, check_workdir, default_train_config, fit, fit_seeds,
     train_corruption)
+from mmjax.train.sharding import is_main_process, on_main_process
 
 
 def get_config(method: str = "euar", dataset: str = "synthetic") -> ml_collections.ConfigDict:
@@ -206,6 +207,27 @@ def compilation_cache_line() -> str | None:
           f"programs loaded, {_compilation_cache['cache_misses']} compiled and stored")
 
 
+def say(line: str) -> None:
+  """``print`` on process 0 only: a launcher's lines appear once however many processes run it."""
+  on_main_process(print)(line)
+
+
+def write_results(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` from process 0 only (the others hold the same results)."""
+  if is_main_process():
+    with open(path, "w") as f:
+      f.write(text)
+
+
+def define_distributed_flag():
+  """``--distributed``: join a multi-process run (:func:`initialize_distributed`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.DEFINE_bool(
+      "distributed", False, "Call jax.distributed.initialize() (multi-host; reads the cluster "
+      "env). Every process trains on the same global batches; process 0 alone writes the logs, "
+      "metrics and results.")
+
+
 def initialize_distributed() -> None:
   """``jax.distributed.initialize()`` for ``--distributed``; no cluster found is one ``error:``
   line, exit code 2."""
@@ -323,13 +345,15 @@ def _start_workdir(config: ml_collections.ConfigDict, workdir: str, resume: bool
       check_resume_config(json.load(f), config, saved)
   check_workdir(method, workdir, resume, log=lambda _: None)  # before config.json is written
   os.makedirs(workdir, exist_ok=True)
-  with open(saved, "w") as f:
-    f.write(config.to_json(indent=1))
+  if is_main_process():
+    with open(saved, "w") as f:
+      f.write(config.to_json(indent=1))
 
 
 # Fields a resumed run may change: they extend or show the run, never alter its epochs so far.
-# (epoch_mode / scan_chunk choose how the same steps are run: scanned and streamed epochs agree.)
-RESUMABLE_FIELDS = ("num_epochs", "patience", "progress", "epoch_mode", "scan_chunk")
+# (epoch_mode, scan_chunk and async_checkpoint choose how the same steps are run and saved.)
+RESUMABLE_FIELDS = ("num_epochs", "patience", "progress", "epoch_mode", "scan_chunk",
+                    "async_checkpoint")
 
 
 def check_resume_config(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:

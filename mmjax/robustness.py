@@ -18,7 +18,6 @@ and selected on a validation split corrupted at that level, then tested at that 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -31,8 +30,7 @@ from mmjax import data as data_lib
 from mmjax.data.protocols import Protocol, level_name, protocols, select
 
 __all__ = ["Protocol", "protocols", "select", "level_name", "sweep", "corrupt",
-           "matched_corruption", "matched_sweep", "aggregate", "markdown_table", "plot_curves",
-           "write_json"]
+           "matched_corruption", "matched_sweep", "aggregate", "markdown_table", "plot_curves"]
 
 # The metric plotted and shown first for each task.
 # Keyed by Dataset.scoring (mmjax.data.SCORINGS).
@@ -239,11 +237,6 @@ def plot_curves(summary: dict[str, dict[str, Any]], chosen: Sequence[Protocol], 
     plt.close(fig)
     paths.append(path)
   return paths
-
-
-def write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1)
 
 
 def _pm(mean: float, std: float, *, percent: bool) -> str:

@@ -164,15 +164,16 @@ def _kill_after_epochs(method, dataset, workdir, epochs):
   fit(method, dataset, _config(num_epochs=epochs), workdir=workdir, log=_quiet)
 
 
-def _kill_before_checkpoint(method, dataset, workdir, epochs):
-  """Killed after training epoch ``epochs + 1`` but before its checkpoint is written."""
+def _kill_before_checkpoint(method, dataset, workdir, epochs, **overrides):
+  """Killed after training epoch ``epochs + 1`` but before its checkpoint is written (with
+  ``async_checkpoint``, possibly while epoch ``epochs``' is still being written)."""
 
   def log(line):
     if line.startswith(f"epoch {epochs + 1:3d}"):
       raise _Killed
 
   with pytest.raises(_Killed):
-    fit(method, dataset, _config(), workdir=workdir, log=log)
+    fit(method, dataset, _config(**overrides), workdir=workdir, log=log)
 
 
 def _kill_between_saves(method, dataset, workdir, epochs, monkeypatch):
@@ -190,13 +191,14 @@ def _kill_between_saves(method, dataset, workdir, epochs, monkeypatch):
       fit(method, dataset, _config(), workdir=workdir, log=_quiet)
 
 
-@pytest.mark.parametrize("kill, epochs", [
-    (_kill_after_epochs, 1),
-    (_kill_before_checkpoint, 1),
-    (_kill_between_saves, NUM_EPOCHS - 1),
+@pytest.mark.parametrize("kill, epochs, overrides", [
+    (_kill_after_epochs, 1, {}),
+    (_kill_before_checkpoint, 1, {}),
+    (_kill_before_checkpoint, 1, dict(async_checkpoint=True)),
+    (_kill_between_saves, NUM_EPOCHS - 1, {}),
 ])
-def test_killed_run_resumes_identically(kill, epochs, reference, method, dataset, tmp_path,
-                                        monkeypatch):
+def test_killed_run_resumes_identically(kill, epochs, overrides, reference, method, dataset,
+                                        tmp_path, monkeypatch):
   expected, _ = reference
   # The last epoch must be the best one, or a wrongly restored best state would go unnoticed.
   assert expected.best_epoch == NUM_EPOCHS
@@ -204,7 +206,7 @@ def test_killed_run_resumes_identically(kill, epochs, reference, method, dataset
   if kill is _kill_between_saves:
     kill(method, dataset, workdir, epochs, monkeypatch)
   else:
-    kill(method, dataset, workdir, epochs)
+    kill(method, dataset, workdir, epochs, **overrides)
   lines = []
   result = fit(method, dataset, _config(), workdir=workdir, resume=True, log=lines.append)
   assert lines[0].startswith(f"resumed after epoch {epochs}")

@@ -226,7 +226,8 @@ def test_fit_corrupts_training_batches_only():
   full = [r["train/full"] for r in result.history]
   config.train_corruption = "none"
   clean = fit(_recording_method(None), data, config, log=lambda line: None)
-  assert [r["train/missing"] for r in clean.history] == [0.0, 0.0]
+  # (a scanned epoch may fuse the stub's mean differently: 0 up to float rounding)
+  assert [r["train/missing"] for r in clean.history] == pytest.approx([0.0, 0.0], abs=1e-6)
   assert [r["train/full"] for r in clean.history] == full  # the clean copy is never corrupted
   # validate_corrupted: the valid split corrupted once, fold_in(PRNGKey(seed), stream), every epoch.
   config.update(train_corruption="missing_rate:0:0.6", validate_corrupted=True)

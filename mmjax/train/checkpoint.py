@@ -6,7 +6,11 @@ Layout under ``workdir``::
   checkpoints/best/<epoch>/     state + bookkeeping of the best validation epoch, 1 kept
 
 orbax writes each checkpoint to a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint intact; resuming loses at most the epoch in progress. Each
+mid-save leaves the previous checkpoint intact; resuming loses at most the epoch in progress. With
+``async_save`` the latest checkpoint is written in the background while training goes on (the next
+save, a restore or ``close`` waits for it); a kill during it loses that epoch's checkpoint, never the
+previous one. Several processes (``jax.distributed``) save and restore together through orbax's
+multi-process path. Each
 checkpoint carries the SHA-256 of its state; a restore that fails, mismatches it or holds non-finite
 values falls back to the previous checkpoint (:meth:`Checkpointer.restore_latest`).
 """
@@ -49,12 +53,14 @@ class Checkpointer:
   """Saves and restores ``(TrainState, bookkeeping dict)`` pairs keyed by epoch; every restore is
   verified (see :meth:`restore_latest`)."""
 
-  def __init__(self, workdir: str | os.PathLike):
+  def __init__(self, workdir: str | os.PathLike, async_save: bool = False):
     self.root = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    self.async_save = async_save
     options = dict(create=True, enable_async_checkpointing=False)
     self._latest = ocp.CheckpointManager(
         os.path.join(self.root, "latest"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, **options))
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                             enable_async_checkpointing=async_save))
     self._best = ocp.CheckpointManager(
         os.path.join(self.root, "best"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
@@ -76,7 +82,8 @@ class Checkpointer:
     for manager in managers:
       manager.save(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-      manager.wait_until_finished()
+      if manager is not self._latest or not self.async_save:
+        manager.wait_until_finished()
 
   def latest_epoch(self) -> int | None:
     return self._latest.latest_step()
@@ -97,6 +104,7 @@ class Checkpointer:
       ValueError: checkpoints exist but none is usable (naming the directory and each reason), or
         the latest one holds a state of another structure.
     """
+    self._latest.wait_until_finished()
     reasons = []
     for epoch in sorted(self._latest.all_steps(), reverse=True):
       restored, reason = self._verified(self._latest, epoch, like)
@@ -128,6 +136,7 @@ class Checkpointer:
     Raises:
       ValueError: no usable copy of the best state is left (naming the directory).
     """
+    self._latest.wait_until_finished()
     ahead = [step for step in self._best.all_steps() if step > upto]
     for step in ahead:
       self._best.delete(step)

@@ -39,7 +39,8 @@ from mmjax.data.train_corruption import describe as describe_corruption
 from mmjax.methods import Method, Stage, default_train_corruption
 from mmjax.train import device_data
 from mmjax.train.checkpoint import Checkpointer, latest_saved_epoch
-from mmjax.train.sharding import data_mesh, put_batch, put_replicated, replicated, to_host
+from mmjax.train.sharding import (
+    data_mesh, is_main_process, on_main_process, put_batch, put_replicated, replicated, to_host)
 from mmjax.train.state import TrainState
 from mmjax.train.steps import compile_epoch, compile_steps, mask_optimizer
 
@@ -78,6 +79,7 @@ def default_train_config() -> ml_collections.ConfigDict:
       # step (data larger than device memory); "auto": scan when the split fits.
       epoch_mode="auto",
       scan_chunk=0,  # steps per compiled chunk of a scanned epoch (signals act between); 0 = all
+      async_checkpoint=False,  # write each epoch's latest checkpoint while the next one trains
   ))
 
 EPOCH_MODES = ("auto", "scan", "stream")
@@ -207,10 +209,20 @@ def fit(
   parameters and history as an uninterrupted run; a fresh run refuses a workdir that holds
   checkpoints.
 
+  Epochs: ``config.epoch_mode`` ``"scan"`` (``"auto"`` when the training split fits in device
+  memory) holds the split on the devices and runs each epoch as compiled ``lax.scan`` chunks of
+  ``config.scan_chunk`` steps (0 = the whole epoch; a signal is acted on between chunks);
+  ``"stream"`` copies host batches step by step. Both run the same steps on the same batches.
+
+  Several processes (``jax.distributed``): every process runs this loop on the same global batches;
+  process 0 alone logs and writes ``metrics.jsonl``; checkpoints go through orbax's multi-process
+  saves (each process writes its devices' shards, process 0 the metadata).
+
   Returns:
     The last stage's best state, ``best_epoch`` and ``best_valid``; the history of every stage.
   """
   mesh = data_mesh() if mesh is None else mesh
+  log = on_main_process(log)
   check_batch_size(config.batch_size, mesh.size)
   metric, mode = _selection(config, dataset.scoring)
   stages = _check_stages(method)
@@ -226,7 +238,9 @@ def fit(
   if workdir is not None:
     check_workdir(method, workdir, resume, log)
   checkpointers = ([] if workdir is None else
-                   [Checkpointer(os.path.join(workdir, stage.name)) for stage in stages])
+                   [Checkpointer(os.path.join(workdir, stage.name),
+                                 async_save=config.get("async_checkpoint", False))
+                    for stage in stages])
   try:
     if workdir is not None:  # somewhere to save: SIGTERM / SIGINT stop at the next step boundary
       run.stop.install()
@@ -694,6 +708,9 @@ def _epoch_line(record: dict[str, Any], metric: str, improved: bool) -> str:
 
 
 def _write_jsonl(path: str, records: list[dict[str, Any]], mode: str = "w") -> None:
+  """Writes (``"w"``) or appends ``records`` to ``path``, from process 0 only."""
+  if not is_main_process():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, mode) as f:
     f.writelines(json.dumps(r) + "\n" for r in records)

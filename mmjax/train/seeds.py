@@ -36,7 +36,7 @@ from mmjax.data import Dataset, check_batch_size
 from mmjax.methods import Method
 from mmjax.train import device_data, loop
 from mmjax.train.checkpoint import Checkpointer
-from mmjax.train.sharding import data_mesh, put_replicated, replicated
+from mmjax.train.sharding import data_mesh, is_main_process, put_replicated, replicated
 from mmjax.train.steps import compile_epoch, compile_steps
 
 
@@ -65,6 +65,8 @@ def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDic
   if workdirs is not None and len(workdirs) != len(seeds):
     raise ValueError(f"workdirs: expected one per seed ({len(seeds)}), got {len(workdirs)}")
   mesh = data_mesh() if mesh is None else mesh
+  if not is_main_process():
+    log = lambda seed, line: None
   check_batch_size(config.batch_size, mesh.size)
   metric, mode = loop._selection(config, dataset.scoring)
   stages = loop._check_stages(method)
@@ -85,7 +87,9 @@ def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDic
     if corruption is not None:
       log(seed, loop.describe_corruption(corruption))
   checkpointers = [[] if workdirs is None else
-                   [Checkpointer(os.path.join(workdirs[i], stage.name)) for stage in stages]
+                   [Checkpointer(os.path.join(workdirs[i], stage.name),
+                                 async_save=config.get("async_checkpoint", False))
+                    for stage in stages]
                    for i in range(len(seeds))]
   try:
     starts = [loop._init_params(method, dataset, run.config) for run in runs]

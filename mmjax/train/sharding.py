@@ -8,7 +8,7 @@ contributes the rows of its own devices.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def is_main_process() -> bool:
+  """Process 0 of a (multi-process) run: the one that writes logs, metrics and results."""
+  return jax.process_index() == 0
+
+
+def on_main_process(log: Callable[[str], None]) -> Callable[[str], None]:
+  """``log`` on process 0; a no-op on the others (every process runs the same loop)."""
+  return log if is_main_process() else (lambda line: None)
 
 
 def put_batch(batch: Any, mesh: Mesh) -> Any:

@@ -1,0 +1,226 @@
+"""The training engine: bare step vs the streaming epoch loop vs the scanned epoch, compile time with
+and without the persistent cache, and S seeds vmapped vs S separate runs.
+
+Per ``--methods`` entry, on one device, at paper shapes: the method's paper preset
+(``experiments/configs/paper.py``: its batch size and model; ``--batch_size`` overrides), MOSI's
+feature shapes (:func:`step_timing.make_dataset`, classification data for a classification
+preset), a training split of ``--steps`` batches; a method with stages trains its last stage,
+after its ``prepare``, with its trainable mask. In one process:
+
+* "bare step": the jitted train step of :func:`mmjax.train.compile_steps` called on one batch
+  already on the device (median of ``--repeats`` after ``--warmup``);
+* "stream loop": one epoch of what ``fit`` runs with ``epoch_mode="stream"`` (host slicing of every
+  batch, ``put_batch``, the step, the metrics fetched after every step), per step;
+* "scanned epoch": one epoch of ``epoch_mode="scan"`` (the split on the device, the epoch one
+  compiled ``lax.scan``, metrics fetched once), per step; both epochs: the median of
+  ``--repeats`` epochs after one warm-up epoch;
+* "compile s": trace + compile of the scanned epoch with the persistent compilation cache (a fresh
+  folder) cold (compiled and stored) and warm (after ``jax.clear_caches()``: loaded).
+
+This is also the accelerator script: on a GPU / TPU the same command times every method at these
+shapes (``--methods=all``; ``--steps`` defaults to 32 there, 8 on CPU). A bf16 path is issue 17's.
+
+``--seeds=S`` (0: skip) also times, on the launchers' default synthetic data and config for each
+method, ``S`` separate ``fit`` runs (seeds 0 .. S-1, one after the other, as the robustness
+launcher runs them) against one ``fit_seeds`` call, wall time with compilation, and the largest
+difference of their selected parameters.
+
+  python benchmarks/bench_engine.py                                  # EUAR: steps, compile, 8 seeds
+  python benchmarks/bench_engine.py --methods=all --seeds=0          # every method (a GPU run)
+  python benchmarks/bench_engine.py --methods=euar --steps=32 --output=/tmp/engine.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_timing as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ALL_METHODS = ("euar", "concat", "late_fusion", "ease", "samlml", "emmr")
+_METHODS = flags.DEFINE_list("methods", ["euar"], f"Methods to time, or 'all' = {ALL_METHODS}.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Batch size B; 0 = the paper preset's.",
+                                   lower_bound=0)
+_STEPS = flags.DEFINE_integer(
+    "steps", 0, "Steps per timed epoch (the split has steps x B rows); 0 = 32 on an accelerator, "
+    "8 on CPU.", lower_bound=0)
+_SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds of the vmapped-vs-separate comparison; 0 skips.",
+                              lower_bound=0)
+_REPEATS, _WARMUP = shared.REPEATS, shared.WARMUP
+
+
+def _last_stage(method):
+  """``(method with the last stage's loss and predict, that stage or None)``."""
+  if not method.stages:
+    return method, None
+  stage = method.stages[-1]
+  return dataclasses.replace(method, loss=stage.loss, predict=stage.predict or method.predict,
+                             stages=()), stage
+
+
+def paper_config(name: str):
+  """The paper preset of ``name`` (``experiments/configs/paper.py``)."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments.configs import paper  # pylint: disable=g-import-not-at-top
+  return paper.get_config(name)
+
+
+def time_engine(name: str, batch_size: int, steps: int, warmup: int,
+                repeats: int) -> dict[str, Any]:
+  """Bare step, stream loop, scanned epoch and compile times of method ``name`` (``batch_size``
+  0: the preset's)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax import data, experiment, train  # pylint: disable=g-import-not-at-top
+  from mmjax.train import device_data, loop  # pylint: disable=g-import-not-at-top
+  config = paper_config(name)
+  batch_size = batch_size or config.batch_size
+  config.batch_size = batch_size
+  task = "regression" if config.task == "auto" else config.task
+  dataset = shared.make_dataset(batch_size * steps, task=task)
+  split = dataset.splits["train"]
+  method, stage = _last_stage(experiment.build_method(config, dataset))
+  params, method_state = method.init(jax.random.key(0), split.take(range(2)))
+  optimizer, trainable = train.make_optimizer(config), None
+  if stage is not None:
+    if stage.prepare is not None:
+      method_state = stage.prepare(params, method_state, split)
+    if stage.trainable is not None:
+      trainable = stage.trainable(params)
+      optimizer = train.mask_optimizer(optimizer, trainable)
+  mesh = train.data_mesh(jax.devices()[:1])
+  train_step, _ = train.compile_steps(method, optimizer, mesh, trainable)
+  epoch_fn = train.steps.compile_epoch(method, optimizer, mesh, trainable)
+  fresh = lambda: jax.device_put(loop._new_state(params, method_state, optimizer,  # pylint: disable=protected-access
+                                                 jax.random.key(1)), train.sharding.replicated(mesh))
+  batch = jax.block_until_ready(train.put_batch(split.take(range(batch_size)), mesh))
+  state, _, bare_s = shared.time_calls(train_step, fresh(), batch, advance=True, warmup=warmup,
+                                       repeats=repeats)
+  gflop, _ = shared.step_cost(train_step, state, batch)
+  placed = device_data.place_split(split, mesh)
+  stop, bar = loop._StopRequest(), loop._ProgressBar(steps, "", enabled=False)  # pylint: disable=protected-access
+
+  def stream(state, epoch):
+    batches = data.iterate_batches(split, batch_size, key=jax.random.key(epoch))
+    return loop._train_epoch(train_step, state, batches, mesh, bar, stop)[0]  # pylint: disable=protected-access
+
+  def scanned(state, epoch):
+    rows = device_data.epoch_rows(split.batch_size, batch_size, jax.random.key(epoch))
+    return loop._train_epoch_scanned(epoch_fn, state, placed, rows, 0, mesh, bar, stop)[0]  # pylint: disable=protected-access
+
+  per_step = {}
+  for label, epoch in (("stream", stream), ("scan", scanned)):
+    seconds = []
+    for e in range(1 + repeats):
+      start = time.perf_counter()
+      state = jax.block_until_ready(epoch(state, e))
+      seconds.append(time.perf_counter() - start)
+    per_step[label] = sorted(seconds[1:])[len(seconds[1:]) // 2] / steps
+  cold, warm = _compile_times(epoch_fn, state, placed, device_data.epoch_rows(
+      split.batch_size, batch_size, jax.random.key(0)))
+  return dict(method=name, batch_size=batch_size, steps=steps, gflop=gflop, bare_s=bare_s,
+              stream_s=per_step["stream"], scan_s=per_step["scan"], compile_cold_s=cold,
+              compile_warm_s=warm)
+
+
+def _compile_times(fn, *args) -> tuple[float, float]:
+  """Seconds to trace + compile ``fn(*args)`` with a cold persistent cache (a program it has not
+  seen: compiled and stored), then warm (in-memory caches cleared: loaded)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  seconds = []
+  for _ in range(2):
+    jax.clear_caches()
+    start = time.perf_counter()
+    fn.lower(*args).compile()
+    seconds.append(time.perf_counter() - start)
+  return seconds[0], seconds[1]
+
+
+def time_seeds(name: str, num_seeds: int) -> dict[str, Any]:
+  """``num_seeds`` separate fits vs one ``fit_seeds`` on the default synthetic data and config."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmjax import experiment, train  # pylint: disable=g-import-not-at-top
+  config = experiment.get_config(name)
+  config.progress = False
+  dataset, method = experiment.prepare(config)
+  quiet = lambda *args: None
+  jax.clear_caches()
+  start = time.perf_counter()
+  separate = []
+  for seed in range(num_seeds):
+    config.seed = seed
+    separate.append(train.fit(method, dataset, config, log=quiet))
+  separate_s = time.perf_counter() - start
+  jax.clear_caches()
+  start = time.perf_counter()
+  together = train.fit_seeds(method, dataset, config, range(num_seeds), log=quiet)
+  vmapped_s = time.perf_counter() - start
+  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for one, many in zip(separate, together)
+             for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(many.state.params)))
+  return dict(method=name, seeds=num_seeds, separate_s=separate_s, vmapped_s=vmapped_s,
+              epochs=[len(r.history) for r in separate], max_param_diff=diff,
+              same_best_epochs=[a.best_epoch for a in separate] == [b.best_epoch for b in together])
+
+
+def markdown_table(engine: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any]],
+                   machine: dict[str, Any], warmup: int, repeats: int,
+                   load: tuple[float, float]) -> str:
+  lines = ["| method | B | steps/epoch | GFLOP/step | bare step ms | stream loop ms/step "
+           "| scanned epoch ms/step | scan / bare | compile s (cold cache) | compile s (warm) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in engine:
+    lines.append(f"| {r['method']} | {r['batch_size']} | {r['steps']} | {r['gflop']:.3f} "
+                 f"| {1e3 * r['bare_s']:.2f} | {1e3 * r['stream_s']:.2f} "
+                 f"| {1e3 * r['scan_s']:.2f} | {r['scan_s'] / r['bare_s']:.2f} "
+                 f"| {r['compile_cold_s']:.2f} | {r['compile_warm_s']:.2f} |")
+  if engine:
+    lines += ["", shared.step_table_footer("the paper preset's", "paper presets", warmup, repeats,
+                                           machine, load)
+              + " Epochs: median of the repeats after one warm-up epoch."]
+  if seeds:
+    lines += ["", "| method | seeds | epochs per seed | S separate fits s | fit_seeds s "
+              "| vmapped / separate | max param diff | same best epochs |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in seeds:
+      lines.append(f"| {r['method']} | {r['seeds']} | {r['epochs']} | {r['separate_s']:.1f} "
+                   f"| {r['vmapped_s']:.1f} | {r['vmapped_s'] / r['separate_s']:.2f} "
+                   f"| {r['max_param_diff']:.1e} | {r['same_best_epochs']} |")
+    lines += ["", "Default synthetic data and launcher config (30 epochs, patience 10), wall "
+              "time with compilation (in-memory caches cleared before each side)."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shared.check_timing_flags()
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax import experiment  # pylint: disable=g-import-not-at-top
+  names = list(ALL_METHODS) if _METHODS.value == ["all"] else _METHODS.value
+  steps = _STEPS.value or (8 if jax.devices()[0].platform == "cpu" else 32)
+  load_before = os.getloadavg()[0]
+  seeds = []  # first: before the persistent cache is turned on
+  for name in names if _SEEDS.value else ():
+    seeds.append(time_seeds(name, _SEEDS.value))
+    sys.stderr.write(f"# {seeds[-1]}\n")
+  engine = []
+  with tempfile.TemporaryDirectory() as cache:
+    experiment.enable_compilation_cache(cache)
+    for name in names:
+      engine.append(time_engine(name, _BATCH_SIZE.value, steps, _WARMUP.value, _REPEATS.value))
+      sys.stderr.write(f"# {engine[-1]}\n")
+  shared.write_table(markdown_table(engine, seeds, shared.machine_info(), _WARMUP.value,
+                                    _REPEATS.value, (load_before, os.getloadavg()[0])))
+
+
+if __name__ == "__main__":
+  app.run(main)
