@@ -5,7 +5,8 @@ slices every batch on the host and copies it to the devices each step. When the 
 device memory (every data set of the four papers does), :func:`place_split` copies it once and an
 epoch becomes a matrix of row indices, :func:`epoch_rows` (``[steps, B]``, ``-1`` = a padding
 row); :func:`gather_batch`, inside the compiled epoch (:func:`mmjax.train.steps.compile_epoch`),
-builds each batch from it, equal to the host path's batch value for value.
+builds each batch from it, equal to the host path's batch value for value: one gather per distinct
+array (equal arrays are one), padding rows from an appended zero row (no masking pass).
 
 Placement: the split is *replicated* on every device of the mesh, and each gathered batch is
 constrained to the ``'data'`` sharding, so every device gathers its own rows locally. A split
@@ -19,9 +20,12 @@ clean copy and one that does not see the same batch, at no extra device memory.
 from __future__ import annotations
 
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh
 
 from mmjax.data import Batch, num_batches
@@ -34,7 +38,7 @@ DEFAULT_BUDGET_BYTES = 4 << 30
 
 
 def split_bytes(split: Batch) -> int:
-  """Bytes :func:`place_split` puts on each device: equal arrays count once."""
+  """Bytes :func:`place_split` puts on each device: equal arrays count once (plus one row)."""
   leaves = [np.asarray(x) for x in jax.tree.leaves(split)]
   return sum(leaves[i].nbytes for i in set(_representatives(leaves)))
 
@@ -54,15 +58,38 @@ def fits_on_device(split: Batch, mesh: Mesh) -> bool:
   return split_bytes(split) <= budget
 
 
-def place_split(split: Batch, mesh: Mesh) -> Batch:
-  """``split`` (NumPy, ``[N, ...]``) replicated on every device of ``mesh``, equal arrays shared.
+@struct.dataclass
+class DeviceSplit:
+  """A split on the devices: each distinct array of its :class:`~mmjax.data.Batch` once, with one
+  all-zero row appended (row ``num_rows``, what a padding row gathers).
+
+  Attributes:
+    arrays: the distinct leaves, each ``[num_rows + 1, ...]``, replicated over the mesh.
+    sources: static; for each leaf of the batch (tree order), the index of its array.
+    treedef: static; the batch's tree structure.
+    num_rows: static; ``N``, the split's samples.
+  """
+
+  arrays: tuple[jax.Array, ...]
+  sources: tuple[int, ...] = struct.field(pytree_node=False)
+  treedef: Any = struct.field(pytree_node=False)
+  num_rows: int = struct.field(pytree_node=False)
+
+
+def place_split(split: Batch, mesh: Mesh) -> DeviceSplit:
+  """``split`` (NumPy, ``[N, ...]``) replicated on every device of ``mesh``, equal arrays once.
 
   Works under several processes (each holds the same split; every process places its devices'
   copies)."""
-  leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, split))
+  leaves, treedef = jax.tree.flatten(jax.tree.map(np.asarray, split))
   representative = _representatives(leaves)
-  placed = {i: put_replicated(leaves[i], mesh) for i in sorted(set(representative))}
-  return jax.tree.unflatten(tree, [placed[i] for i in representative])
+  distinct = sorted(set(representative))
+  arrays = tuple(
+      put_replicated(np.concatenate([leaves[i], np.zeros((1, *leaves[i].shape[1:]),
+                                                         leaves[i].dtype)]), mesh)
+      for i in distinct)
+  return DeviceSplit(arrays=arrays, sources=tuple(distinct.index(i) for i in representative),
+                     treedef=treedef, num_rows=split.batch_size)
 
 
 def epoch_rows(n: int, batch_size: int, key: jax.Array | None,
@@ -80,19 +107,18 @@ def epoch_rows(n: int, batch_size: int, key: jax.Array | None,
   return rows.reshape(steps, batch_size)
 
 
-def gather_batch(split: Batch, rows: jax.Array, mesh: Mesh | None = None) -> Batch:
+def gather_batch(split: DeviceSplit, rows: jax.Array, mesh: Mesh | None = None) -> Batch:
   """The batch of ``rows`` (``[B]`` int32, ``-1`` = padding) of an on-device ``split``; jittable.
 
-  A padding row is all zeros (``valid``, ``present``, ``step_mask`` False, label 0, index 0), as
-  the host path pads. With ``mesh`` the batch is constrained to the ``'data'`` sharding."""
-  real = rows >= 0
-  safe = jnp.maximum(rows, 0)
-
-  def take(x):
-    picked = jnp.take(x, safe, axis=0)
-    return jnp.where(real.reshape(-1, *([1] * (x.ndim - 1))), picked, jnp.zeros((), x.dtype))
-
-  batch = jax.tree.map(take, split)
+  One gather per distinct array; a padding row reads the appended zero row, so it is all zeros
+  (``valid``, ``present``, ``step_mask`` False, label 0, index 0), as the host path pads. With
+  ``mesh`` the batch is constrained to the ``'data'`` sharding."""
+  rows = jnp.where(rows >= 0, rows, split.num_rows)  # in [0, N]: every index is in bounds
+  # Rows of the arrays flattened to 2-D, without bounds handling: on CPU 10x faster than a
+  # clipped gather of the [N, T, D] array.
+  picked = [x.reshape(x.shape[0], -1).at[rows].get(mode="promise_in_bounds")
+            .reshape(rows.shape[0], *x.shape[1:]) for x in split.arrays]
+  batch = jax.tree.unflatten(split.treedef, [picked[i] for i in split.sources])
   if mesh is not None:
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
   return batch

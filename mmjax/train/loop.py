@@ -336,11 +336,11 @@ class _Run:
   jsonl: str | None  # metrics.jsonl, or None without a workdir
   corruption: TrainCorruption | None  # train-time corruption of every training batch
   stop: _StopRequest  # a signal asking fit to save and stop
-  device_train: Batch | None  # the training split on the devices (scanned epochs), or None
+  device_train: device_data.DeviceSplit | None  # the training split on the devices, or None
 
 
 def _device_train_split(config: ml_collections.ConfigDict, train: Batch, mesh: Mesh
-                        ) -> Batch | None:
+                        ) -> device_data.DeviceSplit | None:
   """The training split placed on ``mesh`` when ``config.epoch_mode`` scans epochs, else None."""
   mode, chunk = config.get("epoch_mode", "auto"), config.get("scan_chunk", 0)
   if mode not in EPOCH_MODES:
@@ -572,7 +572,8 @@ def _train_epoch(train_step: Callable[..., Any], state: TrainState, batches: Any
   return state, terms.means()
 
 
-def _train_epoch_scanned(epoch_fn: Callable[..., Any], state: TrainState, split: Batch,
+def _train_epoch_scanned(epoch_fn: Callable[..., Any], state: TrainState,
+                         split: device_data.DeviceSplit,
                          rows: np.ndarray, chunk: int, mesh: Mesh, bar: _ProgressBar,
                          stop: _StopRequest, partial: tuple[int, dict[str, float]] | None = None
                          ) -> tuple[TrainState, dict[str, float]]:

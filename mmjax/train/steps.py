@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from mmjax.data import TRAIN_CORRUPTION_STREAM, Batch, TrainCorruption
 from mmjax.methods import Method
-from mmjax.train.device_data import gather_batch
+from mmjax.train.device_data import DeviceSplit, gather_batch
 from mmjax.train.sharding import batch_sharding, replicated
 from mmjax.train.state import TrainState
 
@@ -102,7 +102,7 @@ def make_epoch(train_step: Callable[..., Any], mesh: Mesh | None = None):
   valid rows of each batch. The same steps as ``train_step`` applied to the host path's batches.
   """
 
-  def epoch(state: TrainState, split: Batch, rows: jax.Array):
+  def epoch(state: TrainState, split: DeviceSplit, rows: jax.Array):
     def body(state, step_rows):
       batch = gather_batch(split, step_rows, mesh)
       state, metrics = train_step(state, batch)
