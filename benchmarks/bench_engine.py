@@ -14,16 +14,19 @@ after its ``prepare``, with its trainable mask. In one process:
 * "scanned epoch": one epoch of ``epoch_mode="scan"`` (the split on the device, the epoch one
   compiled ``lax.scan``, metrics fetched once), per step; both epochs: the median of
   ``--repeats`` epochs after one warm-up epoch;
-* "compile s": trace + compile of the scanned epoch with the persistent compilation cache (a fresh
-  folder) cold (compiled and stored) and warm (after ``jax.clear_caches()``: loaded).
+* compile: the scanned epoch's trace + lower, then its XLA compile with the persistent compilation
+  cache (a fresh folder) cold (compiled and stored) and warm (after ``jax.clear_caches()``: loaded;
+  the trace + lower are redone either way, as in a new process).
 
 This is also the accelerator script: on a GPU / TPU the same command times every method at these
 shapes (``--methods=all``; ``--steps`` defaults to 32 there, 8 on CPU). A bf16 path is issue 17's.
 
 ``--seeds=S`` (0: skip) also times, on the launchers' default synthetic data and config for each
 method, ``S`` separate ``fit`` runs (seeds 0 .. S-1, one after the other, as the robustness
-launcher runs them) against one ``fit_seeds`` call, wall time with compilation, and the largest
-difference of their selected parameters.
+launcher runs them; streamed epochs, as before the engine, and scanned) against one ``fit_seeds``
+call (vmapped, and ``exact``), wall time with compilation, and compares their test MAE: the
+seeds' spread, and the largest difference per seed between the ways of running (float rounding,
+amplified by training).
 
   python benchmarks/bench_engine.py                                  # EUAR: steps, compile, 8 seeds
   python benchmarks/bench_engine.py --methods=all --seeds=0          # every method (a GPU run)
@@ -97,7 +100,7 @@ def time_engine(name: str, batch_size: int, steps: int, warmup: int,
       optimizer = train.mask_optimizer(optimizer, trainable)
   mesh = train.data_mesh(jax.devices()[:1])
   train_step, _ = train.compile_steps(method, optimizer, mesh, trainable)
-  epoch_fn = train.steps.compile_epoch(method, optimizer, mesh, trainable)
+  epoch_fn = train.compile_epoch(method, optimizer, mesh, trainable)
   fresh = lambda: jax.device_put(loop._new_state(params, method_state, optimizer,  # pylint: disable=protected-access
                                                  jax.random.key(1)), train.sharding.replicated(mesh))
   batch = jax.block_until_ready(train.put_batch(split.take(range(batch_size)), mesh))
@@ -123,28 +126,31 @@ def time_engine(name: str, batch_size: int, steps: int, warmup: int,
       state = jax.block_until_ready(epoch(state, e))
       seconds.append(time.perf_counter() - start)
     per_step[label] = sorted(seconds[1:])[len(seconds[1:]) // 2] / steps
-  cold, warm = _compile_times(epoch_fn, state, placed, device_data.epoch_rows(
+  lower, cold, warm = _compile_times(epoch_fn, state, placed, device_data.epoch_rows(
       split.batch_size, batch_size, jax.random.key(0)))
   return dict(method=name, batch_size=batch_size, steps=steps, gflop=gflop, bare_s=bare_s,
-              stream_s=per_step["stream"], scan_s=per_step["scan"], compile_cold_s=cold,
-              compile_warm_s=warm)
+              stream_s=per_step["stream"], scan_s=per_step["scan"], lower_s=lower,
+              compile_cold_s=cold, compile_warm_s=warm)
 
 
-def _compile_times(fn, *args) -> tuple[float, float]:
-  """Seconds to trace + compile ``fn(*args)`` with a cold persistent cache (a program it has not
-  seen: compiled and stored), then warm (in-memory caches cleared: loaded)."""
+def _compile_times(fn, *args) -> tuple[float, float, float]:
+  """Seconds to trace + lower ``fn(*args)``, then to compile it with a cold persistent cache (a
+  program it has not seen: compiled and stored), then warm (in-memory caches cleared: loaded)."""
   import jax  # pylint: disable=g-import-not-at-top
   seconds = []
   for _ in range(2):
     jax.clear_caches()
     start = time.perf_counter()
-    fn.lower(*args).compile()
-    seconds.append(time.perf_counter() - start)
-  return seconds[0], seconds[1]
+    lowered = fn.lower(*args)
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    seconds.append((lowered_at - start, time.perf_counter() - lowered_at))
+  return seconds[0][0], seconds[0][1], seconds[1][1]
 
 
 def time_seeds(name: str, num_seeds: int) -> dict[str, Any]:
-  """``num_seeds`` separate fits vs one ``fit_seeds`` on the default synthetic data and config."""
+  """``num_seeds`` separate fits (streamed epochs, as before the engine; scanned) vs one
+  ``fit_seeds``, on the default synthetic data and config; their test MAE."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mmjax import experiment, train  # pylint: disable=g-import-not-at-top
@@ -152,50 +158,67 @@ def time_seeds(name: str, num_seeds: int) -> dict[str, Any]:
   config.progress = False
   dataset, method = experiment.prepare(config)
   quiet = lambda *args: None
-  jax.clear_caches()
-  start = time.perf_counter()
-  separate = []
-  for seed in range(num_seeds):
-    config.seed = seed
-    separate.append(train.fit(method, dataset, config, log=quiet))
-  separate_s = time.perf_counter() - start
-  jax.clear_caches()
-  start = time.perf_counter()
-  together = train.fit_seeds(method, dataset, config, range(num_seeds), log=quiet)
-  vmapped_s = time.perf_counter() - start
-  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-             for one, many in zip(separate, together)
-             for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(many.state.params)))
-  return dict(method=name, seeds=num_seeds, separate_s=separate_s, vmapped_s=vmapped_s,
-              epochs=[len(r.history) for r in separate], max_param_diff=diff,
-              same_best_epochs=[a.best_epoch for a in separate] == [b.best_epoch for b in together])
+  test_mae = lambda result: train.evaluate(method, result.state, dataset.splits["test"],
+                                           dataset.scoring)["mae"]
+  seconds, results = {}, {}
+  for mode in ("stream", "scan"):
+    config.epoch_mode = mode
+    jax.clear_caches()
+    start = time.perf_counter()
+    results[mode] = []
+    for seed in range(num_seeds):
+      config.seed = seed
+      results[mode].append(train.fit(method, dataset, config, log=quiet))
+    seconds[mode] = time.perf_counter() - start
+  for mode, exact in (("vmap", False), ("map", True)):
+    jax.clear_caches()
+    start = time.perf_counter()
+    results[mode] = train.fit_seeds(method, dataset, config, range(num_seeds), exact=exact,
+                                    log=quiet)
+    seconds[mode] = time.perf_counter() - start
+  maes = {mode: np.asarray([test_mae(r) for r in rs]) for mode, rs in results.items()}
+  return dict(method=name, seeds=num_seeds, separate_stream_s=seconds["stream"],
+              separate_s=seconds["scan"], vmapped_s=seconds["vmap"], mapped_s=seconds["map"],
+              mapped_equal=maes["map"].tolist() == maes["scan"].tolist(),
+              epochs=[len(r.history) for r in results["scan"]],
+              vmapped_epochs=[len(r.history) for r in results["vmap"]],
+              mae_std=float(maes["scan"].std()),
+              mae_diff=float(np.abs(maes["vmap"] - maes["scan"]).max()),
+              mae_diff_stream=float(np.abs(maes["stream"] - maes["scan"]).max()))
 
 
 def markdown_table(engine: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any]],
                    machine: dict[str, Any], warmup: int, repeats: int,
                    load: tuple[float, float]) -> str:
   lines = ["| method | B | steps/epoch | GFLOP/step | bare step ms | stream loop ms/step "
-           "| scanned epoch ms/step | scan / bare | compile s (cold cache) | compile s (warm) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| scanned epoch ms/step | scan / bare | trace + lower s | XLA compile s (cold cache) "
+           "| from the warm cache s |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in engine:
     lines.append(f"| {r['method']} | {r['batch_size']} | {r['steps']} | {r['gflop']:.3f} "
                  f"| {1e3 * r['bare_s']:.2f} | {1e3 * r['stream_s']:.2f} "
                  f"| {1e3 * r['scan_s']:.2f} | {r['scan_s'] / r['bare_s']:.2f} "
-                 f"| {r['compile_cold_s']:.2f} | {r['compile_warm_s']:.2f} |")
+                 f"| {r['lower_s']:.2f} | {r['compile_cold_s']:.2f} | {r['compile_warm_s']:.2f} |")
   if engine:
     lines += ["", shared.step_table_footer("the paper preset's", "paper presets", warmup, repeats,
                                            machine, load)
               + " Epochs: median of the repeats after one warm-up epoch."]
   if seeds:
-    lines += ["", "| method | seeds | epochs per seed | S separate fits s | fit_seeds s "
-              "| vmapped / separate | max param diff | same best epochs |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["", "| method | seeds | epochs per seed (separate / vmapped) | separate, streamed s "
+              "| separate, scanned s | fit_seeds s | vmapped / streamed | vmapped / scanned "
+              "| fit_seeds exact s (test MAE equal) | test MAE: seed std "
+              "| max abs diff vmapped vs scanned | streamed vs scanned |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in seeds:
-      lines.append(f"| {r['method']} | {r['seeds']} | {r['epochs']} | {r['separate_s']:.1f} "
-                   f"| {r['vmapped_s']:.1f} | {r['vmapped_s'] / r['separate_s']:.2f} "
-                   f"| {r['max_param_diff']:.1e} | {r['same_best_epochs']} |")
+      lines.append(f"| {r['method']} | {r['seeds']} | {r['epochs']} / {r['vmapped_epochs']} "
+                   f"| {r['separate_stream_s']:.1f} | {r['separate_s']:.1f} | {r['vmapped_s']:.1f} "
+                   f"| {r['vmapped_s'] / r['separate_stream_s']:.2f} "
+                   f"| {r['vmapped_s'] / r['separate_s']:.2f} "
+                   f"| {r['mapped_s']:.1f} ({r['mapped_equal']}) | {r['mae_std']:.4f} "
+                   f"| {r['mae_diff']:.4f} | {r['mae_diff_stream']:.4f} |")
     lines += ["", "Default synthetic data and launcher config (30 epochs, patience 10), wall "
-              "time with compilation (in-memory caches cleared before each side)."]
+              "time with compilation (in-memory caches cleared before each side; the separate "
+              "runs of one side share one process, as the robustness launcher's do)."]
   return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,9 @@
 Writes ``results.json`` (every metric, every seed), ``results.md`` (mean ± std over seeds) and one
 PNG curve per protocol under ``--workdir``; prints the Markdown table. A seed whose training finished
 earlier in the same workdir is not retrained: its best checkpoint is loaded (``--resume`` semantics).
-``--vmap_seeds`` trains a method's fresh seeds together as one vmapped program (same results, one
-compilation; ``mmjax.train.fit_seeds``).
+``--vmap_seeds`` trains a method's fresh seeds together as one vmapped program (one compilation; each
+seed equals its own run up to float rounding; ``--exact_seeds``: bit-identical, ``lax.map`` inside the
+program; ``mmjax.train.fit_seeds``).
 
 Every model trains with ``--config.train_corruption`` (default ``method``: each method's own paper
 regime; ``fair`` or any spec gives every method the same corrupted training data, see
@@ -48,8 +49,12 @@ _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds per method (0 .. seeds
 _VMAP_SEEDS = flags.DEFINE_bool(
     "vmap_seeds", False,
     "Train the seeds of a method that have not started yet as one vmapped program "
-    "(mmjax.train.fit_seeds: compiled once, each seed's result equals its own run); seeds that "
-    "started earlier are resumed one by one.")
+    "(mmjax.train.fit_seeds: compiled once; each seed equals its own run up to float rounding, "
+    "which training amplifies); seeds that started earlier are resumed one by one.")
+_EXACT_SEEDS = flags.DEFINE_bool(
+    "exact_seeds", False,
+    "With --vmap_seeds: run the seeds one after another inside the one program (lax.map) "
+    "instead of batched, bit-identical to separate runs.")
 _PROTOCOLS = flags.DEFINE_list(
     "protocols", ["missing_rate", "fixed_subsets", "sample_gaussian", "gaussian", "salt_pepper",
                   "mix"],
@@ -140,7 +145,8 @@ def main(argv):
       method = experiment.build_method(config, dataset)
       results = experiment.exit_on_bad_input(experiment.train_seeds)(
           config, [workdirs[s] for s in fresh], fresh, dataset=dataset, method=method,
-          log=lambda seed, line, n=name: experiment.say(f"[{n} s{seed}] {line}"))
+          log=lambda seed, line, n=name: experiment.say(f"[{n} s{seed}] {line}"),
+          exact=_EXACT_SEEDS.value)
       together = dict(zip(fresh, results))
     for seed, workdir in enumerate(workdirs):
       config.seed = seed

@@ -324,15 +324,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | None, *, resume: boo
 
 def train_seeds(config: ml_collections.ConfigDict, workdirs: list[str], seeds: list[int], *,
                 dataset: data_lib.Dataset, method: methods.Method,
-                log: Callable[[int, str], None]) -> list[FitResult]:
+                log: Callable[[int, str], None], exact: bool = False) -> list[FitResult]:
   """:func:`train` of each of ``seeds`` into its fresh folder of ``workdirs`` (``config.json``
-  with that seed), trained together as one vmapped program (:func:`mmjax.train.fit_seeds`)."""
+  with that seed), trained together as one program (:func:`mmjax.train.fit_seeds`: vmapped, or
+  with ``exact`` mapped, bit-identical to separate runs)."""
   check_config(config)
   for seed, workdir in zip(seeds, workdirs):
     seed_config = config.copy_and_resolve_references()
     seed_config.seed = seed
     _start_workdir(seed_config, workdir, False, method)
-  return fit_seeds(method, dataset, config, seeds, workdirs=workdirs, log=log)
+  return fit_seeds(method, dataset, config, seeds, workdirs=workdirs, exact=exact, log=log)
 
 
 def _start_workdir(config: ml_collections.ConfigDict, workdir: str, resume: bool,

@@ -76,16 +76,6 @@ def test_compilation_cache_makes_a_second_launch_load_every_program(tmp_path):
   assert outputs[0][-2] == outputs[1][-2]  # "best epoch 1; test: ..."
 
 
-def flat_results(tree, prefix=""):
-  """``(path, number)`` pairs of nested dicts / lists (results.json)."""
-  items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-  for k, v in items:
-    if isinstance(v, (dict, list)):
-      yield from flat_results(v, f"{prefix}{k}/")
-    else:
-      yield f"{prefix}{k}", v
-
-
 def test_robustness_launcher_writes_consistent_results(tmp_path):
   result = run("experiments.robustness", f"--workdir={tmp_path}", "--methods=euar,concat",
                "--seeds=2", "--protocols=missing_rate,fixed_subsets,gaussian",
@@ -125,19 +115,16 @@ def test_robustness_launcher_writes_consistent_results(tmp_path):
               "--config.num_epochs=1", "--config.batch_size=64", "--noplots")
   assert again.returncode == 0, again.stderr[-2000:]
   assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == results["per_seed"]
-  # --vmap_seeds trains both seeds of each method as one program: the same results (to float
-  # rounding of batched matmuls), each seed's folder as a separate run writes it.
-  vmapped = tmp_path / "vmapped"
-  together = run("experiments.robustness", f"--workdir={vmapped}", "--methods=euar,concat",
+  # --vmap_seeds --exact_seeds trains both seeds of each method as one program: the same results
+  # bit for bit, each seed's folder as a separate run writes it.
+  together_dir = tmp_path / "together"
+  together = run("experiments.robustness", f"--workdir={together_dir}", "--methods=euar,concat",
                  "--seeds=2", "--protocols=missing_rate,fixed_subsets,gaussian",
-                 "--config.num_epochs=1", "--config.batch_size=64", "--noplots", "--vmap_seeds")
+                 "--config.num_epochs=1", "--config.batch_size=64", "--noplots", "--vmap_seeds",
+                 "--exact_seeds")
   assert together.returncode == 0, together.stderr[-2000:]
-  per_seed = json.loads((vmapped / "results.json").read_text())["per_seed"]
-  got, want = dict(flat_results(per_seed)), dict(flat_results(results["per_seed"]))
-  assert got.keys() == want.keys()
-  for key, value in want.items():
-    assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-  assert (vmapped / "euar" / "seed1" / "config.json").exists()
+  assert json.loads((together_dir / "results.json").read_text())["per_seed"] == results["per_seed"]
+  assert json.loads((together_dir / "euar" / "seed1" / "config.json").read_text())["seed"] == 1
 
 
 def test_robustness_launcher_matched_protocol(tmp_path):

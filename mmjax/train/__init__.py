@@ -8,4 +8,5 @@ from mmjax.train.loop import (
 from mmjax.train.seeds import fit_seeds
 from mmjax.train.sharding import data_mesh, put_batch
 from mmjax.train.state import TrainState
-from mmjax.train.steps import compile_steps, make_eval_step, make_train_step, mask_optimizer
+from mmjax.train.steps import (
+    compile_epoch, compile_steps, make_epoch, make_eval_step, make_train_step, mask_optimizer)

@@ -1,15 +1,18 @@
-"""Several seeds of one run trained together: one compiled, ``jax.vmap``-ed epoch for all of them.
+"""Several seeds of one run trained together: one compiled epoch program for all of them.
 
 ``fit_seeds(method, dataset, config, seeds)`` returns what ``fit`` returns for each seed
 (``config.seed = s``): the same initialisation, step keys, epoch orders, corruption and validation
 as :func:`mmjax.train.fit`, but the ``S`` training states are stacked on a leading axis and every
-epoch is one call of the vmapped scanned epoch (:func:`mmjax.train.steps.compile_epoch` with
-``stacked=True``) over the training split held once on the devices. The program is compiled once
-for all seeds, and small per-seed matmuls become batched ones.
+epoch is one call of the scanned epoch over all of them (:func:`mmjax.train.compile_epoch` with
+``stacked``) on the training split held once on the devices, compiled once for all seeds:
+``jax.vmap``-ed (small per-seed matmuls become batched ones; each seed equals its own run up to
+float rounding, which chaotic training amplifies: after ~10 epochs the trajectories part) or, with
+``exact=True``, ``lax.map``-ped (the seeds one after another inside the program: each seed's ops
+are its own run's, bit-identical).
 
-Early stopping is per seed: a seed whose patience ran out stops being validated, logged and
-saved (its history and selected state are final), while the stacked program keeps stepping it
-until every seed has stopped — so each seed's result is that of its own run. Validation slices
+Early stopping is per seed: a seed whose patience ran out leaves the stack (its history and
+selected state are final; the program is compiled once more for the smaller stack), so no step is
+spent on a stopped seed. Validation slices
 each seed's state out of the stack and uses the one compiled eval step of :func:`fit`.
 
 With ``workdirs`` (one per seed) each seed's folder gets what ``fit`` writes there (its
@@ -42,7 +45,7 @@ from mmjax.train.steps import compile_epoch, compile_steps
 
 def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDict,
               seeds: Sequence[int], *, workdirs: Sequence[str | os.PathLike] | None = None,
-              mesh: Mesh | None = None,
+              exact: bool = False, mesh: Mesh | None = None,
               log: Callable[[int, str], None] = lambda seed, line: print(f"[seed {seed}] {line}")
               ) -> list[loop.FitResult]:
   """:func:`mmjax.train.fit` for each of ``seeds``, trained as one vmapped program.
@@ -53,6 +56,10 @@ def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDic
       the device-held training split).
     seeds: distinct ints.
     workdirs: ``None``, or one fresh folder per seed (see the module docstring).
+    exact: ``False``: the epoch ``jax.vmap``-ed over the seeds (batched matmuls: each seed equals
+      its own run up to float rounding, which training amplifies); ``True``: ``lax.map`` over the
+      seeds inside the one compiled program (each seed's ops are those of its own run:
+      bit-identical to separate runs, without the batching).
     mesh: the ``'data'`` mesh (default every device).
     log: ``log(seed, line)`` for each seed's lines.
 
@@ -96,7 +103,7 @@ def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDic
     histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
     for index in range(len(stages)):
       results = _fit_stage_seeds(runs, method, stages, index, starts,
-                                 [c[index] if c else None for c in checkpointers])
+                                 [c[index] if c else None for c in checkpointers], exact)
       histories = [h + r.history for h, r in zip(histories, results)]
       starts = [(r.state.params, r.state.method_state) for r in results]
   finally:
@@ -107,15 +114,15 @@ def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDic
 
 
 def _fit_stage_seeds(runs: list[loop._Run], method: Method, stages: tuple[Any, ...], index: int,
-                     starts: list[tuple[Any, Any]], checkpointers: list[Checkpointer | None]
-                     ) -> list[loop.FitResult]:
+                     starts: list[tuple[Any, Any]], checkpointers: list[Checkpointer | None],
+                     exact: bool) -> list[loop.FitResult]:
   """Stage ``index`` of every seed: the vmapped epoch, then per-seed validation and bookkeeping."""
   config, mesh = runs[0].config, runs[0].mesh
   setups = [loop._StageSetup.create(run, method, stages, index, params)
             for run, (params, _) in zip(runs, starts)]
   first = setups[0]
   epoch_fn = compile_epoch(first.method, first.optimizer, mesh, first.trainable,
-                           runs[0].corruption, stacked=True)
+                           runs[0].corruption, stacked="map" if exact else True)
   eval_step = compile_steps(first.method, first.optimizer, mesh, first.trainable)[1]
   train = runs[0].dataset.splits["train"]
   states = [setup.start_state(params, method_state, train)
@@ -127,29 +134,33 @@ def _fit_stage_seeds(runs: list[loop._Run], method: Method, stages: tuple[Any, .
     if run.jsonl is not None and index == 0:
       loop._write_jsonl(run.jsonl, [])
   data_keys = [jax.random.fold_in(setup.root, 2) for setup in setups]
+  stacked_seeds = list(range(len(runs)))  # which seed each row of the stack is
   for epoch in range(1, first.num_epochs + 1):
-    active = [not (config.patience and p.bad_epochs >= config.patience) for p in progress]
-    if not any(active):
+    active = [i for i in stacked_seeds
+              if not (config.patience and progress[i].bad_epochs >= config.patience)]
+    if not active:
       break
+    if active != stacked_seeds:  # drop stopped seeds: no work on states nobody reads
+      keep = np.asarray([stacked_seeds.index(i) for i in active])
+      stacked, stacked_seeds = jax.tree.map(lambda x: x[keep], stacked), active
     start = time.perf_counter()
     rows = np.stack([device_data.epoch_rows(train.batch_size, config.batch_size,
-                                            jax.random.fold_in(key, epoch), config.drop_remainder)
-                     for key in data_keys])
+                                            jax.random.fold_in(data_keys[i], epoch),
+                                            config.drop_remainder) for i in active])
     step = int(stacked.step[0])
     stacked, metrics, weights = epoch_fn(stacked, runs[0].device_train, put_replicated(rows, mesh))
     metrics, weights = jax.device_get((metrics, weights))
     seconds = time.perf_counter() - start
-    for i, run in enumerate(runs):
-      if not active[i]:
-        continue
+    for row, i in enumerate(active):
+      run = runs[i]
       terms = loop._EpochTerms(None, loop._ProgressBar(0, "", enabled=False))
       try:
-        for k, weight in enumerate(weights[i]):
-          terms.add({name: v[i, k] for name, v in metrics.items()}, float(weight), step + k + 1)
+        for k, weight in enumerate(weights[row]):
+          terms.add({name: v[row, k] for name, v in metrics.items()}, float(weight), step + k + 1)
       except loop._NonFinite as bad:
         raise loop._diverged(f"seed {run.config.seed}: {setups[i].tag}", epoch, bad,
                              checkpointers[i], progress[i]) from None
-      state = jax.tree.map(lambda x, i=i: x[i], stacked)
+      state = jax.tree.map(lambda x, row=row: x[row], stacked)
       best = loop._close_epoch(run, setups[i], progress[i], epoch, state, terms.means(), seconds,
                                eval_step, checkpointers[i])
       if best is not None:

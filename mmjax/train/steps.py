@@ -1,4 +1,5 @@
-"""``train_step`` / ``eval_step`` built from any method's loss, and their compiled, sharded forms."""
+"""``train_step`` / ``eval_step`` built from any method's loss, the scanned epoch of train steps on a
+device-held split, and their compiled, sharded forms."""
 
 from __future__ import annotations
 
@@ -116,16 +117,23 @@ def make_epoch(train_step: Callable[..., Any], mesh: Mesh | None = None):
 
 def compile_epoch(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh,
                   trainable: Any = None, corruption: TrainCorruption | None = None,
-                  stacked: bool = False) -> Callable[..., Any]:
+                  stacked: bool | str = False) -> Callable[..., Any]:
   """:func:`make_epoch` of :func:`make_train_step`, jitted over ``mesh``: state replicated and
   donated, split and rows replicated (each device gathers its shard of every batch).
 
   ``stacked``: trains ``S`` states stacked on a leading seed axis (every leaf ``[S, ...]``), with
-  ``rows`` ``[S, K, B]`` (each seed its own order) on one shared split: ``jax.vmap`` of the epoch.
+  ``rows`` ``[S, K, B]`` (each seed its own order) on one shared split: ``True`` = ``jax.vmap`` of
+  the epoch (batched ops: equal to ``S`` separate epochs up to float rounding); ``"map"`` =
+  ``lax.map`` over the seeds (one after another inside the program: the same ops as one seed's
+  epoch, bit-identical to separate epochs).
   """
   repl = replicated(mesh)
   epoch = make_epoch(make_train_step(method, optimizer, trainable, corruption), mesh)
-  if stacked:
+  if stacked == "map":
+    one_seed = epoch
+    epoch = lambda state, split, rows: jax.lax.map(
+        lambda args: one_seed(args[0], split, args[1]), (state, rows))
+  elif stacked:
     epoch = jax.vmap(epoch, in_axes=(0, None, 0))
   return jax.jit(epoch, in_shardings=(repl, repl, repl), out_shardings=(repl, repl, repl),
                  donate_argnums=0)
