@@ -98,6 +98,7 @@ def time_engine(name: str, batch_size: int, steps: int, warmup: int,
     if stage.trainable is not None:
       trainable = stage.trainable(params)
       optimizer = train.mask_optimizer(optimizer, trainable)
+  params, method_state = jax.device_get((params, method_state))  # each fresh() state: a new copy
   mesh = train.data_mesh(jax.devices()[:1])
   train_step, _ = train.compile_steps(method, optimizer, mesh, trainable)
   epoch_fn = train.compile_epoch(method, optimizer, mesh, trainable)
@@ -108,6 +109,9 @@ def time_engine(name: str, batch_size: int, steps: int, warmup: int,
                                        repeats=repeats)
   gflop, _ = shared.step_cost(train_step, state, batch)
   placed = device_data.place_split(split, mesh)
+  # Before the epoch's first call, which would compile (and store) it: here the cold compile is one.
+  lower, cold, warm = _compile_times(epoch_fn, fresh(), placed, device_data.epoch_rows(
+      split.batch_size, batch_size, jax.random.key(0)))
   stop, bar = loop._StopRequest(), loop._ProgressBar(steps, "", enabled=False)  # pylint: disable=protected-access
 
   def stream(state, epoch):
@@ -126,8 +130,6 @@ def time_engine(name: str, batch_size: int, steps: int, warmup: int,
       state = jax.block_until_ready(epoch(state, e))
       seconds.append(time.perf_counter() - start)
     per_step[label] = sorted(seconds[1:])[len(seconds[1:]) // 2] / steps
-  lower, cold, warm = _compile_times(epoch_fn, state, placed, device_data.epoch_rows(
-      split.batch_size, batch_size, jax.random.key(0)))
   return dict(method=name, batch_size=batch_size, steps=steps, gflop=gflop, bare_s=bare_s,
               stream_s=per_step["stream"], scan_s=per_step["scan"], lower_s=lower,
               compile_cold_s=cold, compile_warm_s=warm)
@@ -241,8 +243,11 @@ def main(argv: Sequence[str]) -> None:
     for name in names:
       engine.append(time_engine(name, _BATCH_SIZE.value, steps, _WARMUP.value, _REPEATS.value))
       sys.stderr.write(f"# {engine[-1]}\n")
+    cache_line = experiment.compilation_cache_line()  # the warm compiles must be loads
   shared.write_table(markdown_table(engine, seeds, shared.machine_info(), _WARMUP.value,
-                                    _REPEATS.value, (load_before, os.getloadavg()[0])))
+                                    _REPEATS.value, (load_before, os.getloadavg()[0]))
+                     + f"\nPersistent cache during the step timing (XLA's counters): "
+                     f"{cache_line.split(': ', 1)[1]}; the warm compiles are the loads.\n")
 
 
 if __name__ == "__main__":

@@ -147,8 +147,8 @@ def test_one_device_matches_four_devices(reference, method, dataset):
 
 
 def test_vmapped_seeds_equal_separate_runs(method, dataset, tmp_path):
-  """Seeds 1 and 0 in one program, early-stopped with patience 1 (seed 0 stops after epoch 2 and
-  leaves the stack, seed 1 trains 3): vmapped, each equals its own fit up to the rounding of
+  """Seeds 1 and 0 in one program, early-stopped with patience 1 (seed 0 stops after epoch 2 and,
+  half of the stack, leaves it; seed 1 trains 3): vmapped, each equals its own fit up to the rounding of
   batched matmuls; ``exact`` (lax.map), bit for bit. Each seed's folder is a finished fit's,
   which resume reloads as is."""
   dirs = [tmp_path / "seed1", tmp_path / "seed0"]

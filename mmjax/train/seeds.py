@@ -10,9 +10,10 @@ float rounding, which chaotic training amplifies: after ~10 epochs the trajector
 ``exact=True``, ``lax.map``-ped (the seeds one after another inside the program: each seed's ops
 are its own run's, bit-identical).
 
-Early stopping is per seed: a seed whose patience ran out leaves the stack (its history and
-selected state are final; the program is compiled once more for the smaller stack), so no step is
-spent on a stopped seed. Validation slices
+Early stopping is per seed: a seed whose patience ran out is no longer validated, logged or
+saved (its history and selected state are final). Stopped seeds leave the stack once they are half
+of it (the epoch compiles once more for each smaller stack: at most log2 S recompiles, and under
+half the steps are spent on stopped seeds). Validation slices
 each seed's state out of the stack and uses the one compiled eval step of :func:`fit`.
 
 With ``workdirs`` (one per seed) each seed's folder gets what ``fit`` writes there (its
@@ -140,18 +141,20 @@ def _fit_stage_seeds(runs: list[loop._Run], method: Method, stages: tuple[Any, .
               if not (config.patience and progress[i].bad_epochs >= config.patience)]
     if not active:
       break
-    if active != stacked_seeds:  # drop stopped seeds: no work on states nobody reads
+    if len(active) <= len(stacked_seeds) // 2:  # halve the stack: at most log2(S) recompiles
       keep = np.asarray([stacked_seeds.index(i) for i in active])
       stacked, stacked_seeds = jax.tree.map(lambda x: x[keep], stacked), active
     start = time.perf_counter()
     rows = np.stack([device_data.epoch_rows(train.batch_size, config.batch_size,
                                             jax.random.fold_in(data_keys[i], epoch),
-                                            config.drop_remainder) for i in active])
+                                            config.drop_remainder) for i in stacked_seeds])
     step = int(stacked.step[0])
     stacked, metrics, weights = epoch_fn(stacked, runs[0].device_train, put_replicated(rows, mesh))
     metrics, weights = jax.device_get((metrics, weights))
     seconds = time.perf_counter() - start
-    for row, i in enumerate(active):
+    for row, i in enumerate(stacked_seeds):
+      if i not in active:  # stopped, still in the stack until it halves
+        continue
       run = runs[i]
       terms = loop._EpochTerms(None, loop._ProgressBar(0, "", enabled=False))
       try:
