@@ -9,7 +9,9 @@ compile + one run, "ms/step" = median of ``--repeats`` calls after ``--warmup`` 
 blocked on; the train step is fed the state it returned. "params" counts the trainable parameters
 (not the optimizer state, not method state such as EASE's anchors). "GFLOP" is XLA's count for one
 compiled step (``jit(step).lower(...).compile().cost_analysis()["flops"]``; stable on a noisy
-machine; both branches of a ``lax.cond`` are counted, although only one runs). ``--corrupt``
+machine; both branches of a ``lax.cond`` are counted, although only one runs); "GFLOP/s" divides it
+by the step time, beside the machine's matmul peak (:func:`step_timing.matmul_peak_gflops`) in the
+footer; "page faults/step" are the process's minor faults per train-step call (``getrusage``). ``--corrupt``
 applies the method's own train-time corruption (``config.train_corruption = "method"``) inside the
 train step, as training does; without it the batch is uncorrupted.
 
@@ -76,27 +78,35 @@ def time_method(case: str, batch_size: int, warmup: int, repeats: int,
       train_step, state, batch, advance=True, warmup=warmup, repeats=repeats)
   _, eval_first, eval_s = shared.time_calls(
       eval_step, state, batch, advance=False, warmup=warmup, repeats=repeats)
+  state, train_faults = shared.page_faults_per_call(train_step, state, batch, advance=True,
+                                                    calls=repeats)
   # After the timing, so that "first call" still includes the compilation.
   train_gflop, train_gb = shared.step_cost(train_step, state, batch)
   eval_gflop, _ = shared.step_cost(eval_step, state, batch)
   return dict(case=case + (" (corrupted)" if corrupt else ""), hidden=config.model.get("hidden"),
               params=params, train_gflop=train_gflop, train_gb=train_gb, eval_gflop=eval_gflop,
-              train_first_s=train_first, train_step_s=train_s, eval_first_s=eval_first,
-              eval_step_s=eval_s)
+              train_first_s=train_first, train_step_s=train_s, train_faults=train_faults,
+              eval_first_s=eval_first, eval_step_s=eval_s)
 
 
 def markdown_table(results: Sequence[dict[str, Any]], machine: dict[str, Any], batch_size: int,
-                   warmup: int, repeats: int, load: tuple[float, float]) -> str:
+                   warmup: int, repeats: int, load: tuple[float, float], peak: float) -> str:
   lines = ["| case | hidden | params | train GFLOP | train GB | train first call s "
-           "| train ms/step | eval GFLOP | eval first call s | eval ms/step |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| train ms/step | train GFLOP/s | train page faults/step | eval GFLOP "
+           "| eval first call s | eval ms/step |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in results:
     lines.append(f"| {r['case']} | {r['hidden']} | {r['params']:,} | {r['train_gflop']:.3f} "
                  f"| {r['train_gb']:.3f} | {r['train_first_s']:.2f} "
-                 f"| {1e3 * r['train_step_s']:.1f} | {r['eval_gflop']:.3f} "
+                 f"| {1e3 * r['train_step_s']:.1f} | {r['train_gflop'] / r['train_step_s']:.1f} "
+                 f"| {r['train_faults']:,.0f} | {r['eval_gflop']:.3f} "
                  f"| {r['eval_first_s']:.2f} | {1e3 * r['eval_step_s']:.1f} |")
   lines += ["", shared.step_table_footer(batch_size, "regression", warmup, repeats, machine,
-                                         load)]
+                                         load)
+            + f" GFLOP/s = XLA's GFLOP count of the step / ms per step (all FLOPs, not matmuls "
+            f"only); page faults: minor faults of the process per call over {repeats} more calls "
+            f"(getrusage). The machine's float32 matmul peak, a jitted 2048 x 2048 matmul: "
+            f"{peak:.0f} GFLOP/s."]
   return "\n".join(lines) + "\n"
 
 
@@ -111,7 +121,8 @@ def main(argv: Sequence[str]) -> None:
     sys.stderr.write(f"# {result}\n")
     results.append(result)
   table = markdown_table(results, shared.machine_info(), _BATCH_SIZE.value, _WARMUP.value,
-                         _REPEATS.value, (load_before, os.getloadavg()[0]))
+                         _REPEATS.value, (load_before, os.getloadavg()[0]),
+                         shared.matmul_peak_gflops())
   shared.write_table(table)
 
 

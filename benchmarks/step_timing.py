@@ -66,6 +66,35 @@ def time_calls(step, state, batch, *, advance: bool, warmup: int, repeats: int):
   return state, seconds[0], statistics.median(seconds[1 + warmup:])
 
 
+def page_faults_per_call(step, state, batch, *, advance: bool, calls: int):
+  """Minor page faults of this process per call of ``step(state, batch)`` (each blocked on), by
+  ``getrusage``; returns ``(state, faults per call)``. Call after the step is compiled."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    out = jax.block_until_ready(step(state, batch))
+    if advance:
+      state = out[0]
+  return state, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """The machine's float32 matmul throughput: GFLOP/s of a jitted ``[n, n] @ [n, n]``
+  (``2 n^3`` FLOP), median of ``repeats`` calls after one warm-up."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, a))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    seconds.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(seconds) / 1e9
+
+
 def machine_info() -> dict[str, Any]:
   """``nproc``, CPU model, jax version and the devices of this backend."""
   import jax  # pylint: disable=g-import-not-at-top
