@@ -35,8 +35,8 @@ amplified by training).
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -61,12 +61,10 @@ _REPEATS, _WARMUP = shared.REPEATS, shared.WARMUP
 
 
 def _last_stage(method):
-  """``(method with the last stage's loss and predict, that stage or None)``."""
+  """``(method as its last stage trains it, that stage)``; ``(method, None)`` without stages."""
   if not method.stages:
     return method, None
-  stage = method.stages[-1]
-  return dataclasses.replace(method, loss=stage.loss, predict=stage.predict or method.predict,
-                             stages=()), stage
+  return method.at_stage(method.stages[-1]), method.stages[-1]
 
 
 def paper_config(name: str):
@@ -129,7 +127,7 @@ def time_engine(name: str, batch_size: int, steps: int, warmup: int,
       start = time.perf_counter()
       state = jax.block_until_ready(epoch(state, e))
       seconds.append(time.perf_counter() - start)
-    per_step[label] = sorted(seconds[1:])[len(seconds[1:]) // 2] / steps
+    per_step[label] = statistics.median(seconds[1:]) / steps
   return dict(method=name, batch_size=batch_size, steps=steps, gflop=gflop, bare_s=bare_s,
               stream_s=per_step["stream"], scan_s=per_step["scan"], lower_s=lower,
               compile_cold_s=cold, compile_warm_s=warm)

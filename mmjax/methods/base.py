@@ -105,6 +105,12 @@ class Method:
   predict: Callable[[Params, MethodState, Batch], jax.Array]
   stages: tuple[Stage, ...] = ()
 
+  def at_stage(self, stage: Stage) -> Method:
+    """This method as ``stage`` trains it: the stage's loss, its predict (or this one's), no
+    stages."""
+    return dataclasses.replace(self, loss=stage.loss, predict=stage.predict or self.predict,
+                               stages=())
+
 
 def task_loss(outputs: jax.Array, batch: Batch, spec: TaskSpec) -> jax.Array:
   """Mean squared error (regression, EUAR eq. 11) or cross-entropy over the valid samples.

@@ -59,8 +59,8 @@ class Checkpointer:
     options = dict(create=True, enable_async_checkpointing=False)
     self._latest = ocp.CheckpointManager(
         os.path.join(self.root, "latest"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                             enable_async_checkpointing=async_save))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, **dict(options, enable_async_checkpointing=async_save)))
     self._best = ocp.CheckpointManager(
         os.path.join(self.root, "best"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))

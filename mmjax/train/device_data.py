@@ -11,14 +11,13 @@ array (equal arrays are one), padding rows from an appended zero row (no masking
 Placement: the split is *replicated* on every device of the mesh, and each gathered batch is
 constrained to the ``'data'`` sharding, so every device gathers its own rows locally. A split
 sharded over ``'data'`` would need an all-to-all per step (a random permutation's rows live on
-every device); replicating costs the split's bytes per device, which :func:`fits_on_device`
-checks. Arrays of the split that are equal are placed once and shared (the clean copy
+every device); replicating costs the split's bytes per device, which :func:`place_split` checks
+against a budget (:func:`memory_budget`). Arrays of the split that are equal are placed once and shared (the clean copy
 ``full_features`` of a clean training split is ``features`` itself), so a method that reads the
 clean copy and one that does not see the same batch, at no extra device memory.
 """
 
 from __future__ import annotations
-
 
 from typing import Any
 
@@ -37,16 +36,10 @@ DEVICE_MEMORY_SHARE = 0.25
 DEFAULT_BUDGET_BYTES = 4 << 30
 
 
-def split_bytes(split: Batch) -> int:
-  """Bytes :func:`place_split` puts on each device: equal arrays count once (plus one row)."""
-  leaves = [np.asarray(x) for x in jax.tree.leaves(split)]
-  return sum(leaves[i].nbytes for i in set(_representatives(leaves)))
-
-
-def fits_on_device(split: Batch, mesh: Mesh) -> bool:
-  """Whether ``split`` replicated takes at most :data:`DEVICE_MEMORY_SHARE` of the smallest
-  memory of this process's devices in ``mesh`` (:data:`DEFAULT_BUDGET_BYTES` where they report no
-  limit). Processes of one run hold equal devices, so they agree."""
+def memory_budget(mesh: Mesh) -> float:
+  """Bytes a replicated split may take: :data:`DEVICE_MEMORY_SHARE` of the smallest memory of this
+  process's devices in ``mesh`` (:data:`DEFAULT_BUDGET_BYTES` where they report no limit).
+  Processes of one run hold equal devices, so they agree."""
   limits = []
   for device in mesh.devices.flat:
     if device.process_index != jax.process_index():
@@ -54,8 +47,7 @@ def fits_on_device(split: Batch, mesh: Mesh) -> bool:
     stats = device.memory_stats()
     if stats and stats.get("bytes_limit"):
       limits.append(DEVICE_MEMORY_SHARE * stats["bytes_limit"])
-  budget = min(limits) if limits else DEFAULT_BUDGET_BYTES
-  return split_bytes(split) <= budget
+  return min(limits) if limits else DEFAULT_BUDGET_BYTES
 
 
 @struct.dataclass
@@ -76,14 +68,18 @@ class DeviceSplit:
   num_rows: int = struct.field(pytree_node=False)
 
 
-def place_split(split: Batch, mesh: Mesh) -> DeviceSplit:
-  """``split`` (NumPy, ``[N, ...]``) replicated on every device of ``mesh``, equal arrays once.
+def place_split(split: Batch, mesh: Mesh, budget: float | None = None) -> DeviceSplit | None:
+  """``split`` (NumPy, ``[N, ...]``) replicated on every device of ``mesh``, equal arrays once;
+  ``None`` (nothing placed) when those distinct arrays take more than ``budget`` bytes (e.g.
+  :func:`memory_budget`; ``None``: no limit).
 
   Works under several processes (each holds the same split; every process places its devices'
   copies)."""
   leaves, treedef = jax.tree.flatten(jax.tree.map(np.asarray, split))
   representative = _representatives(leaves)
   distinct = sorted(set(representative))
+  if budget is not None and sum(leaves[i].nbytes for i in distinct) > budget:
+    return None
   arrays = tuple(
       put_replicated(np.concatenate([leaves[i], np.zeros((1, *leaves[i].shape[1:]),
                                                          leaves[i].dtype)]), mesh)
@@ -126,8 +122,11 @@ def gather_batch(split: DeviceSplit, rows: jax.Array, mesh: Mesh | None = None) 
 
 def _representatives(leaves: list[np.ndarray]) -> list[int]:
   """For each leaf, the index of the first leaf equal to it (same shape, dtype and values)."""
-  first = []
+  first, distinct = [], []
   for i, x in enumerate(leaves):
-    first.append(next((j for j in sorted(set(first)) if leaves[j].shape == x.shape
-                       and leaves[j].dtype == x.dtype and np.array_equal(leaves[j], x)), i))
+    match = next((j for j in distinct if leaves[j].shape == x.shape
+                  and leaves[j].dtype == x.dtype and np.array_equal(leaves[j], x)), None)
+    if match is None:
+      distinct.append(i)
+    first.append(i if match is None else match)
   return first

@@ -347,9 +347,10 @@ def _device_train_split(config: ml_collections.ConfigDict, train: Batch, mesh: M
     raise ValueError(f"epoch_mode: expected one of {EPOCH_MODES}, got {mode!r}")
   if not isinstance(chunk, int) or chunk < 0:
     raise ValueError(f"scan_chunk: expected an int >= 0 (0 = the whole epoch), got {chunk!r}")
-  if mode == "stream" or (mode == "auto" and not device_data.fits_on_device(train, mesh)):
+  if mode == "stream":
     return None
-  return device_data.place_split(train, mesh)
+  return device_data.place_split(train, mesh,
+                                 device_data.memory_budget(mesh) if mode == "auto" else None)
 
 
 def _fit_stage(run: _Run, method: Method, stages: tuple[Stage, ...], index: int, params: Any,
@@ -438,8 +439,6 @@ class _StageSetup:
   with: the stage's method, optimiser and trainable mask, its root key, epochs and log tag."""
 
   stage: Stage
-  index: int
-  num_stages: int
   method: Method  # the stage's loss and predict
   trainable: Any  # Python-bool pytree or None (all trainable)
   optimizer: optax.GradientTransformation
@@ -459,10 +458,7 @@ class _StageSetup:
     if index:
       root = jax.random.fold_in(root, 2 + index)
     setup = cls(
-        stage=stage, index=index, num_stages=len(stages),
-        method=dataclasses.replace(method, loss=stage.loss,
-                                   predict=stage.predict or method.predict, stages=()),
-        trainable=trainable, optimizer=optimizer, root=root,
+        stage=stage, method=method.at_stage(stage), trainable=trainable, optimizer=optimizer, root=root,
         num_epochs=config.num_epochs if stage.num_epochs is None else stage.num_epochs,
         tag=f"[{stage.name}] " if stage.name else "")
     if stage.name:
@@ -587,8 +583,7 @@ def _train_epoch_scanned(epoch_fn: Callable[..., Any], state: TrainState,
     step = int(state.step)
     state, metrics, weights = epoch_fn(state, split, put_replicated(rows[first:first + chunk], mesh))
     metrics, weights = jax.device_get((metrics, weights))
-    for i, weight in enumerate(weights):
-      terms.add({k: v[i] for k, v in metrics.items()}, float(weight), step + i + 1)
+    terms.add_steps(metrics, weights, step)
     if stop.signum is not None:
       bar.close()
       raise _Interrupted(state, terms.done, terms.sums)
@@ -613,6 +608,12 @@ class _EpochTerms:
     self.sums["_n"] = self.sums.get("_n", 0.0) + weight
     self.done += 1
     self.bar.update()
+
+  def add_steps(self, metrics: dict[str, np.ndarray], weights: np.ndarray, step: int) -> None:
+    """:meth:`add` for each of ``len(weights)`` consecutive steps after ``step``: ``metrics[name]``
+    and ``weights`` ``[K]`` host arrays (a scanned chunk's)."""
+    for i, weight in enumerate(weights):
+      self.add({k: v[i] for k, v in metrics.items()}, float(weight), step + i + 1)
 
   def means(self) -> dict[str, float]:
     self.bar.close()

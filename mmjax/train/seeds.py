@@ -4,7 +4,7 @@
 (``config.seed = s``): the same initialisation, step keys, epoch orders, corruption and validation
 as :func:`mmjax.train.fit`, but the ``S`` training states are stacked on a leading axis and every
 epoch is one call of the scanned epoch over all of them (:func:`mmjax.train.compile_epoch` with
-``stacked``) on the training split held once on the devices, compiled once for all seeds:
+``seeds``) on the training split held once on the devices, compiled once for all seeds:
 ``jax.vmap``-ed (small per-seed matmuls become batched ones; each seed equals its own run up to
 float rounding, which chaotic training amplifies: after ~10 epochs the trajectories part) or, with
 ``exact=True``, ``lax.map``-ped (the seeds one after another inside the program: each seed's ops
@@ -41,7 +41,7 @@ from mmjax.methods import Method
 from mmjax.train import device_data, loop
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.sharding import data_mesh, is_main_process, put_replicated, replicated
-from mmjax.train.steps import compile_epoch, compile_steps
+from mmjax.train.steps import compile_epoch
 
 
 def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDict,
@@ -123,8 +123,8 @@ def _fit_stage_seeds(runs: list[loop._Run], method: Method, stages: tuple[Any, .
             for run, (params, _) in zip(runs, starts)]
   first = setups[0]
   epoch_fn = compile_epoch(first.method, first.optimizer, mesh, first.trainable,
-                           runs[0].corruption, stacked="map" if exact else True)
-  eval_step = compile_steps(first.method, first.optimizer, mesh, first.trainable)[1]
+                           runs[0].corruption, seeds="map" if exact else "vmap")
+  eval_step = loop._compiled_eval_step(first.method, mesh)
   train = runs[0].dataset.splits["train"]
   states = [setup.start_state(params, method_state, train)
             for setup, (params, method_state) in zip(setups, starts)]
@@ -158,8 +158,7 @@ def _fit_stage_seeds(runs: list[loop._Run], method: Method, stages: tuple[Any, .
       run = runs[i]
       terms = loop._EpochTerms(None, loop._ProgressBar(0, "", enabled=False))
       try:
-        for k, weight in enumerate(weights[row]):
-          terms.add({name: v[row, k] for name, v in metrics.items()}, float(weight), step + k + 1)
+        terms.add_steps({name: v[row] for name, v in metrics.items()}, weights[row], step)
       except loop._NonFinite as bad:
         raise loop._diverged(f"seed {run.config.seed}: {setups[i].tag}", epoch, bad,
                              checkpointers[i], progress[i]) from None

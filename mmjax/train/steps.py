@@ -117,23 +117,25 @@ def make_epoch(train_step: Callable[..., Any], mesh: Mesh | None = None):
 
 def compile_epoch(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh,
                   trainable: Any = None, corruption: TrainCorruption | None = None,
-                  stacked: bool | str = False) -> Callable[..., Any]:
+                  seeds: str | None = None) -> Callable[..., Any]:
   """:func:`make_epoch` of :func:`make_train_step`, jitted over ``mesh``: state replicated and
   donated, split and rows replicated (each device gathers its shard of every batch).
 
-  ``stacked``: trains ``S`` states stacked on a leading seed axis (every leaf ``[S, ...]``), with
-  ``rows`` ``[S, K, B]`` (each seed its own order) on one shared split: ``True`` = ``jax.vmap`` of
-  the epoch (batched ops: equal to ``S`` separate epochs up to float rounding); ``"map"`` =
-  ``lax.map`` over the seeds (one after another inside the program: the same ops as one seed's
-  epoch, bit-identical to separate epochs).
+  ``seeds``: ``None`` trains one state. Otherwise ``S`` states stacked on a leading seed axis
+  (every leaf ``[S, ...]``) with ``rows`` ``[S, K, B]`` (each seed its own order) on one shared
+  split: ``"vmap"`` = ``jax.vmap`` of the epoch (batched ops: equal to ``S`` separate epochs up to
+  float rounding); ``"map"`` = ``lax.map`` over the seeds (one after another inside the program:
+  the same ops as one seed's epoch, bit-identical to separate epochs).
   """
   repl = replicated(mesh)
   epoch = make_epoch(make_train_step(method, optimizer, trainable, corruption), mesh)
-  if stacked == "map":
+  if seeds == "map":
     one_seed = epoch
     epoch = lambda state, split, rows: jax.lax.map(
         lambda args: one_seed(args[0], split, args[1]), (state, rows))
-  elif stacked:
+  elif seeds == "vmap":
     epoch = jax.vmap(epoch, in_axes=(0, None, 0))
+  elif seeds is not None:
+    raise ValueError(f"seeds: expected None, 'vmap' or 'map', got {seeds!r}")
   return jax.jit(epoch, in_shardings=(repl, repl, repl), out_shardings=(repl, repl, repl),
                  donate_argnums=0)
