@@ -10,3 +10,14 @@ def cpu_model() -> str:
       return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
   except (OSError, StopIteration):
     return platform.processor() or platform.machine()
+
+
+def allocator() -> str:
+  """The malloc this process runs with: ``tcmalloc`` / ``jemalloc`` when one is preloaded
+  (``LD_PRELOAD``, seen in ``/proc/self/maps``), else ``glibc``."""
+  try:
+    with open("/proc/self/maps") as f:
+      maps = f.read()
+  except OSError:
+    return "unknown"
+  return next((name for name in ("tcmalloc", "jemalloc") if name in maps), "glibc")

@@ -125,6 +125,21 @@ def test_different_seed_differs(reference, method, dataset):
   assert result.history[-1]["valid/mae"] != expected.history[-1]["valid/mae"]
 
 
+def test_rbg_prng_runs_are_reproducible_and_resume_only_under_it(reference, method, dataset,
+                                                                  tmp_path):
+  """JAX_DEFAULT_PRNG_IMPL=rbg (docs/training.md): every key of the run follows it — the same seed
+  gives the same run, another than threefry's; a threefry run does not resume under it."""
+  with jax.default_prng_impl("rbg"):
+    runs = [fit(method, dataset, _config(num_epochs=1), log=_quiet) for _ in range(2)]
+    _assert_same_run(runs[0], runs[1])
+    assert runs[0].state.key.shape == (4,)  # rbg key data (threefry: 2 words)
+    assert runs[0].history[0]["train/loss"] != reference[0].history[0]["train/loss"]
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[1], workdir)
+    with pytest.raises(ValueError, match=r"holds a state of another structure"):
+      fit(method, dataset, _config(), workdir=str(workdir), resume=True, log=_quiet)
+
+
 @pytest.mark.parametrize("overrides", [dict(epoch_mode="stream"), dict(scan_chunk=3)])
 def test_scanned_epochs_equal_the_streaming_loop(overrides, reference, method, dataset):
   """The reference scans each epoch (4 steps) on device-held data; streaming host batches step by

@@ -12,6 +12,7 @@ import ml_collections
 
 from mmjax.methods import baselines, ease, emmr, euar, samlml
 from mmjax.methods.base import Method, Stage, TaskSpec, flax_method, task_loss
+from mmjax.methods.precision import COMPUTE_DTYPES, mixed_precision
 
 # name -> (builder, default model config)
 REGISTRY: dict[str, tuple[Callable[..., Method], Callable[[], ml_collections.ConfigDict]]] = {

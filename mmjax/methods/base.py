@@ -97,6 +97,7 @@ class Method:
 
   ``stages`` empty: one implicit stage training every parameter with ``loss``, selected with
   ``predict``. Otherwise the trainer runs ``stages`` in order and ``loss`` is not used by it.
+  ``compute_dtype``: what its modules compute in (:func:`mmjax.methods.mixed_precision`).
   """
 
   name: str
@@ -104,6 +105,7 @@ class Method:
   loss: Callable[[Params, MethodState, Batch, jax.Array, bool], LossOutput]
   predict: Callable[[Params, MethodState, Batch], jax.Array]
   stages: tuple[Stage, ...] = ()
+  compute_dtype: str = "float32"
 
   def at_stage(self, stage: Stage) -> Method:
     """This method as ``stage`` trains it: the stage's loss, its predict (or this one's), no

@@ -294,7 +294,7 @@ class SAMLMLModel(nn.Module):
       x, mask = features[m], masks[m]
 
       def with_noise(x=x, mask=mask, i=i):
-        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(fold(keys, 2 * i))
+        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]).astype(x.dtype))(fold(keys, 2 * i))
         return jnp.where(present[:, i, None, None], x, noise * mask[..., None].astype(x.dtype))
 
       # A batch in which every sample has modality i draws no noise for it (same values).
@@ -383,8 +383,8 @@ class SAMLMLModel(nn.Module):
     extra logit matrix per attention, not two (``queries``/``keys`` are recorded for tests).
     """
     noise_key, weight_key = jax.random.split(key)
-    noise = jax.random.normal(noise_key, keys.shape, keys.dtype)
-    weight = jax.random.uniform(weight_key, (keys.shape[0], 1, 1), keys.dtype)
+    noise = jax.random.normal(noise_key, keys.shape).astype(keys.dtype)
+    weight = jax.random.uniform(weight_key, (keys.shape[0], 1, 1)).astype(keys.dtype)
     noise_logits = attention.logits(attended.queries, noise)
     return {"queries": queries, "keys": keys, "noise": noise, "noise_weight": weight,
             "noise_logits": noise_logits,
@@ -403,7 +403,7 @@ class SAMLMLModel(nn.Module):
     ``1 / sqrt(T)``, nearly ``Pred(0)``).
     """
     irrelevant, relevant, recomposed = self.decompositions[index](units)
-    noise = jax.random.normal(key, (units.shape[0], units.shape[-1]), units.dtype)
+    noise = jax.random.normal(key, (units.shape[0], units.shape[-1])).astype(units.dtype)
     return {"units": units, "irrelevant": irrelevant, "relevant": relevant,
             "recomposed": recomposed,
             "de_logits": self.intra[index].logits(attended.queries,
@@ -424,7 +424,7 @@ class SAMLMLModel(nn.Module):
     ``own_logits [B, T_m1]`` is the second dot product) and ``mix_reference [B, T_m1] =
     A[t, s(t)]``; ``mix_steps [B, T_m1]`` is ``s``.
     """
-    weight = jax.random.uniform(key, (keys.shape[0], 1, 1), keys.dtype)
+    weight = jax.random.uniform(key, (keys.shape[0], 1, 1)).astype(keys.dtype)
     steps = paired_steps(query_mask, key_mask)  # Shape: [B, T_m1]
     reference = jnp.take_along_axis(attended.logits, steps[..., None], axis=-1)[..., 0]
     return {"mix_queries": queries, "mix_keys": keys, "mix_weight": weight, "mix_steps": steps,
@@ -452,7 +452,7 @@ def noisy_representation(keys: jax.Array, units: jax.Array, rate: float, kind: s
   entry with probability ``NR``, as :func:`mmjax.data.corruption.laplace_or_erase`.
   """
   if kind == "gaussian":
-    noise = jax.vmap(lambda k: jax.random.normal(k, units.shape[1:], units.dtype))(keys)
+    noise = jax.vmap(lambda k: jax.random.normal(k, units.shape[1:]).astype(units.dtype))(keys)
     return (1.0 - rate) * units + rate * noise
   return jax.vmap(laplace_or_erase, in_axes=(0, 0, None, 0))(keys, units, rate, laplace
                                                              ).astype(units.dtype)

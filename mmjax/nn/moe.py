@@ -71,7 +71,8 @@ class MixtureOfExperts(nn.Module):
                             name="log_var")(x, index)
       aux.update(mean=mean, log_var=log_var)
       if train:
-        eps = jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
+        # Drawn in float32 whatever the compute dtype: a bfloat16 run sees the same draws.
+        eps = jax.random.normal(self.make_rng("sample"), mean.shape).astype(mean.dtype)
         z = mean + eps * jnp.exp(0.5 * log_var)
     h = jnp.einsum("bn,bnd->bd", routed_gates.astype(z.dtype), z)
     return h, aux

@@ -9,6 +9,12 @@ Used by EASE (SPEC §6.4) as the per-modality backbone and reusable by any metho
 The mask is a *key*-padding mask: every query (padded ones included) attends only to the real steps
 of its row. A row whose steps are all masked (an absent modality) attends uniformly over its padding
 — finite values that a masked pooling discards.
+
+The attention itself is :func:`jax.nn.dot_product_attention` (its cuDNN kernel on a GPU where
+the shapes allow, XLA's elsewhere); with attention-weight dropout active in training, which that
+function does not implement, Flax's :func:`flax.linen.dot_product_attention`. Both compute
+``softmax(q k^T / sqrt(d_head) masked) v``; the parameters are Flax's
+``MultiHeadDotProductAttention``'s either way.
 """
 
 from __future__ import annotations
@@ -16,6 +22,24 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    mask: jax.Array | None = None, dropout_rng: jax.Array | None = None,
+                    dropout_rate: float = 0.0, broadcast_dropout: bool = True,
+                    deterministic: bool = True) -> jax.Array:
+  """``attention_fn`` of ``nn.MultiHeadDotProductAttention``: ``[B, T, N, H]`` queries, ``[B, S, N,
+  H]`` keys / values, ``mask`` broadcastable to ``[B, N, T, S]`` -> ``[B, T, N, H]``.
+
+  :func:`jax.nn.dot_product_attention`, or Flax's with dropout on the weights when
+  ``dropout_rate > 0`` and not ``deterministic``.
+  """
+  if dropout_rate > 0.0 and not deterministic:
+    return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
+                                    dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
+                                    deterministic=False)
+  return jax.nn.dot_product_attention(query, key, value,
+                                     mask=None if mask is None else mask.astype(bool))
 
 
 class TransformerBlock(nn.Module):
@@ -33,7 +57,7 @@ class TransformerBlock(nn.Module):
     h = nn.LayerNorm(name="ln_attention")(x)
     h = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.dropout_rate, deterministic=deterministic,
-        name="attention")(h, h, mask=attention_mask)
+        attention_fn=fused_attention, name="attention")(h, h, mask=attention_mask)
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = nn.LayerNorm(name="ln_mlp")(x)
     h = nn.Dense(d, name="mlp_out")(nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(h)))

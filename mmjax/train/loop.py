@@ -80,6 +80,9 @@ def default_train_config() -> ml_collections.ConfigDict:
       epoch_mode="auto",
       scan_chunk=0,  # steps per compiled chunk of a scanned epoch (signals act between); 0 = all
       async_checkpoint=False,  # write each epoch's latest checkpoint while the next one trains
+      # "bfloat16": mixed precision (mmjax.methods.mixed_precision; float32 parameters, losses and
+      # routing); the method must be built for it (mmjax.experiment.build_method does).
+      compute_dtype="float32",
   ))
 
 EPOCH_MODES = ("auto", "scan", "stream")
@@ -148,6 +151,17 @@ def evaluate(method: Method, state: TrainState, split: Batch, scoring: str, *,
   """Paper metrics of ``method`` on ``split`` (``scoring``: see :func:`split_metrics`)."""
   preds = predict(method, state, split, batch_size=batch_size, mesh=mesh, eval_step=eval_step)
   return split_metrics(preds, np.asarray(split.label), scoring)
+
+
+def check_compute_dtype(method: Method, config: ml_collections.ConfigDict) -> None:
+  """Refuses ``config.compute_dtype`` other than what ``method`` computes in: the config would
+  record a precision the run does not use."""
+  wanted = config.get("compute_dtype", "float32")
+  if wanted != method.compute_dtype:
+    raise ValueError(
+        f"config.compute_dtype: {wanted!r}, but the method {method.name} computes in "
+        f"{method.compute_dtype!r}; build it with mmjax.methods.mixed_precision(method, "
+        f"{wanted!r}) (mmjax.experiment.build_method does)")
 
 
 def init_state(method: Method, dataset: Dataset, config: ml_collections.ConfigDict,
@@ -224,6 +238,7 @@ def fit(
   mesh = data_mesh() if mesh is None else mesh
   log = on_main_process(log)
   check_batch_size(config.batch_size, mesh.size)
+  check_compute_dtype(method, config)
   metric, mode = _selection(config, dataset.scoring)
   stages = _check_stages(method)
   corruption = train_corruption(method, dataset, config)

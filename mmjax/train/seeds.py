@@ -76,6 +76,7 @@ def fit_seeds(method: Method, dataset: Dataset, config: ml_collections.ConfigDic
   if not is_main_process():
     log = lambda seed, line: None
   check_batch_size(config.batch_size, mesh.size)
+  loop.check_compute_dtype(method, config)
   metric, mode = loop._selection(config, dataset.scoring)
   stages = loop._check_stages(method)
   corruption = loop.train_corruption(method, dataset, config)
