@@ -24,6 +24,12 @@ REWRITES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def accelerator_attention(monkeypatch):
+  """fused_attention's accelerator path (jax.nn.dot_product_attention) on this CPU too."""
+  monkeypatch.setattr(transformer, "FLAX_ATTENTION_BACKENDS", ())
+
+
 def _data(task):
   dataset = make_synthetic(jax.random.key(0), n_train=12, n_valid=4, n_test=4, seq_len=6, dims=8,
                            task=task)
@@ -53,8 +59,10 @@ def test_attention_rewrite_equals_flax_attention(rewrite):
   q, k, v = (jax.random.normal(jax.random.key(i), (3, 5, 2, 4)) for i in range(3))
   keep = jnp.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)  # row 1: all masked
   mask = nn.make_attention_mask(jnp.ones_like(keep), keep)
-  # Deterministic (jax.nn.dot_product_attention), then with weight dropout (Flax's path).
-  for kwargs in ({}, dict(dropout_rng=jax.random.key(4), dropout_rate=0.5, deterministic=False)):
+  # Deterministic (jax.nn.dot_product_attention; also with a dropout rate, as at evaluation), then
+  # with weight dropout (Flax's path).
+  for kwargs in ({}, dict(dropout_rate=0.5),
+                 dict(dropout_rng=jax.random.key(4), dropout_rate=0.5, deterministic=False)):
     options = {"deterministic": True, **kwargs}
     call = lambda fn, *a: fn(*a, mask=mask, **options)  # pylint: disable=cell-var-from-loop
     for f in (lambda fn: lambda *a: call(fn, *a),

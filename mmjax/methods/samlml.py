@@ -294,7 +294,8 @@ class SAMLMLModel(nn.Module):
       x, mask = features[m], masks[m]
 
       def with_noise(x=x, mask=mask, i=i):
-        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]).astype(x.dtype))(fold(keys, 2 * i))
+        draw = lambda k: jax.random.normal(k, x.shape[1:]).astype(x.dtype)
+        noise = jax.vmap(draw)(fold(keys, 2 * i))
         return jnp.where(present[:, i, None, None], x, noise * mask[..., None].astype(x.dtype))
 
       # A batch in which every sample has modality i draws no noise for it (same values).
