@@ -296,7 +296,8 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
 
 
 def build_method(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> methods.Method:
-  """``config.method`` with ``config.model`` for ``dataset``, computing in ``config.compute_dtype``."""
+  """``config.method`` with ``config.model`` for ``dataset``, computing in
+  ``config.compute_dtype``."""
   method = methods.build(config.method, config.model, methods.TaskSpec.from_dataset(dataset))
   return methods.mixed_precision(method, config.get("compute_dtype", "float32"))
 

@@ -10,7 +10,7 @@
   they are).
 
 Every Flax module then computes in ``compute_dtype`` (inputs and parameters agree); LayerNorm
-statistics, :func:`jax.nn.dot_product_attention`'s softmax and every loss of
+statistics, the softmax of :func:`mmjax.nn.transformer.fused_attention` and every loss of
 :mod:`mmjax.losses` compute in float32 (they upcast). The returned loss, metrics and predictions
 are float32, and the method state (EASE's anchors) keeps its dtype. No loss scaling: bfloat16
 has float32's exponent range. Stages' ``prepare`` (EMMR's teacher table) runs in float32.

@@ -41,7 +41,7 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if (dropout_rate > 0.0 and not deterministic) or jax.default_backend() in FLAX_ATTENTION_BACKENDS:
     return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
                                     dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, force_fp32_for_softmax=True)
   return jax.nn.dot_product_attention(query, key, value,
                                      mask=None if mask is None else mask.astype(bool))
 
