@@ -253,9 +253,10 @@ def markdown_table(engine: Sequence[dict[str, Any]], seeds: Sequence[dict[str, A
     lines += ["", shared.step_table_footer("the paper preset's", "paper presets", warmup, repeats,
                                            machine, load)
               + " Each step applies the preset's train-time corruption, as fit does. Epochs: "
-              "median of the repeats after one warm-up epoch. Matmul GFLOP: mmjax.flops.matmul_flops of "
-              "the train step (scan bodies times their trip count; a range where lax.cond branches "
-              "hold matmuls: without – with them all run); GFLOP/s = that / ms per step. Page faults: minor faults of the process per step "
+              "median of the repeats after one warm-up epoch. Matmul GFLOP: "
+              "mmjax.flops.matmul_flops of the train step (scan bodies times their trip count; a "
+              "range where lax.cond branches hold matmuls: without – with them all run); GFLOP/s "
+              "= that / ms per step. Page faults: minor faults of the process per step "
               f"(getrusage; bare: {repeats} more calls; scanned: over the timed epochs). "
               f"malloc: {machine['allocator']}; PRNG: {machine['prng']}; float32 matmul peak (jitted 2048 x 2048 matmul): "
               f"{machine['peak']:.0f} GFLOP/s."]

@@ -38,13 +38,15 @@ class MatmulCount(NamedTuple):
   while_loops: int
 
 
-def _sub_jaxprs(value: Any) -> list[jex_core.Jaxpr]:
+def sub_jaxprs(value: Any) -> list[jex_core.Jaxpr]:
+  """The jaxprs held by an equation's parameter ``value`` (a jaxpr, a closed one, or a tuple /
+  list of them, as ``cond``'s ``branches``); ``[]`` for anything else."""
   if isinstance(value, jex_core.ClosedJaxpr):
     return [value.jaxpr]
   if isinstance(value, jex_core.Jaxpr):
     return [value]
   if isinstance(value, (tuple, list)):
-    return [j for v in value for j in _sub_jaxprs(v)]
+    return [j for v in value for j in sub_jaxprs(v)]
   return []
 
 
@@ -67,7 +69,7 @@ def _count(jaxpr: jex_core.Jaxpr) -> MatmulCount:
     times = eqn.params["length"] if name == "scan" else 1
     loops += name == "while"
     for value in eqn.params.values():
-      for sub in _sub_jaxprs(value):
+      for sub in sub_jaxprs(value):
         inner = _count(sub)
         flops += times * inner.flops
         conditional += times * inner.conditional

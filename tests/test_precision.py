@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mmjax.data import make_synthetic, mask_time_steps, standardize
+from mmjax.flops import sub_jaxprs
 from mmjax.methods import TaskSpec, build, default_model_config, mixed_precision
 from mmjax.train import default_train_config, fit
 
@@ -62,11 +63,8 @@ def _dots(jaxpr):
     if eqn.primitive.name == "dot_general":
       yield [tuple(v.aval.shape) for v in eqn.invars], eqn.outvars[0].aval.dtype
     for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else [value]:
-        if hasattr(sub, "jaxpr"):
-          yield from _dots(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
-        elif hasattr(sub, "eqns"):
-          yield from _dots(sub)
+      for sub in sub_jaxprs(value):
+        yield from _dots(sub)
 
 
 def test_routing_stays_float32_under_bfloat16():

@@ -473,7 +473,8 @@ class _StageSetup:
     if index:
       root = jax.random.fold_in(root, 2 + index)
     setup = cls(
-        stage=stage, method=method.at_stage(stage), trainable=trainable, optimizer=optimizer, root=root,
+        stage=stage, method=method.at_stage(stage), trainable=trainable, optimizer=optimizer,
+        root=root,
         num_epochs=config.num_epochs if stage.num_epochs is None else stage.num_epochs,
         tag=f"[{stage.name}] " if stage.name else "")
     if stage.name:
