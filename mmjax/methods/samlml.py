@@ -102,7 +102,7 @@ from mmjax.data.corruption import laplace_or_erase
 from mmjax.losses import attention_context_loss, attention_variance_loss, margin_ranking_loss
 from mmjax.losses._common import masked_mean
 from mmjax.methods.base import Method, TaskSpec, head_output, task_loss
-from mmjax.nn import TransformerEncoder, masked_mean_pool
+from mmjax.nn import TemporalConv, TransformerEncoder, masked_mean_pool
 
 EVAL_NOISE_SEED = 0  # evaluation noise of sample b: fold_in(PRNGKey(EVAL_NOISE_SEED), index_b)
 REPRESENTATION_NOISE_TYPES = ("gaussian", "laplace_erasing")  # eq. 35, App. A.14
@@ -213,7 +213,7 @@ class UnimodalNetwork(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
     if self.language:
       return nn.Dense(self.hidden, name="project")(x)
-    h = nn.Conv(self.hidden, kernel_size=(3,), padding="SAME", name="conv")(x)
+    h = TemporalConv(self.hidden, 3, name="conv")(x)  # nn.Conv(..., "SAME") as one matmul
     return TransformerEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
                               name="transformer")(h, mask, deterministic=not train)
 

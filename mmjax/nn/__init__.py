@@ -1,6 +1,7 @@
-"""Shared Flax building blocks: pooling, modality encoders, mixtures of (Gaussian) experts,
-a pre-LN Transformer encoder, the encoder-decoders of EMMR's ensemble."""
+"""Shared Flax building blocks: pooling, modality encoders, a temporal convolution, mixtures of
+(Gaussian) experts, a pre-LN Transformer encoder, the encoder-decoders of EMMR's ensemble."""
 
+from mmjax.nn.conv import TemporalConv
 from mmjax.nn.encoder_decoders import (
     CascadeResidualAutoencoder, MLPAutoencoder, TransformerEncoderDecoder, apply_half)
 from mmjax.nn.encoders import PooledEncoder, encode_modalities, masked_mean_pool
