@@ -37,6 +37,8 @@ amplified by training).
   python benchmarks/bench_engine.py                                  # EUAR: steps, compile, 8 seeds
   python benchmarks/bench_engine.py --methods=all --seeds=0          # every method (a GPU run)
   python benchmarks/bench_engine.py --methods=euar --steps=32 --output=/tmp/engine.md
+  python benchmarks/bench_engine.py --methods=ease:hidden=32 --seeds=0 --precisions=float32 \
+      --profile                                # + where the bare step's time goes, thunk by thunk
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 import step_timing as shared  # pylint: disable=g-import-not-at-top,wrong-import-position
+import thunk_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ALL_METHODS = ("euar", "concat", "late_fusion", "ease", "samlml", "emmr")
 _METHODS = flags.DEFINE_list(
@@ -72,6 +75,10 @@ _PRECISIONS = flags.DEFINE_list(
 _PRNG_IMPL = flags.DEFINE_enum(
     "prng_impl", "threefry2x32", ["threefry2x32", "rbg", "unsafe_rbg"],
     "JAX's default PRNG (jax_default_prng_impl, as JAX_DEFAULT_PRNG_IMPL sets it for a run).")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "Also trace --repeats bare steps per method with XLA's per-thunk traceme and "
+    "print where the time goes (thunk_profile.py: matmul thunks by size and their GFLOP/s, the "
+    "busiest thunks and their source ops). The trace adds ~1 us per thunk to every timing.")
 _REPEATS, _WARMUP = shared.REPEATS, shared.WARMUP
 
 
@@ -100,9 +107,10 @@ def variant_config(variant: str):
 
 
 def time_engine(variant: str, precision: str, batch_size: int, steps: int, warmup: int,
-                repeats: int) -> dict[str, Any]:
+                repeats: int, profile: bool = False) -> dict[str, Any]:
   """Bare step, stream loop, scanned epoch and compile times of ``variant`` (:func:`variant_config`;
-  ``batch_size`` 0: the preset's), the step's matmul FLOPs and page faults."""
+  ``batch_size`` 0: the preset's), the step's matmul FLOPs and page faults; with ``profile`` also
+  the bare step's per-thunk attribution (:func:`profile_step`, Markdown)."""
   import resource  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from mmjax import data, experiment, flops, train  # pylint: disable=g-import-not-at-top
@@ -137,6 +145,11 @@ def time_engine(variant: str, precision: str, batch_size: int, steps: int, warmu
   matmul = flops.matmul_flops(train_step, state, batch)
   state, bare_faults = shared.page_faults_per_call(train_step, state, batch, advance=True,
                                                    calls=repeats)
+  attribution = None
+  if profile:
+    state, attribution = profile_step(train_step, state, batch, repeats)
+    attribution = thunk_profile.markdown(f"{variant}, {precision}, B {batch_size}",
+                                         1e3 * bare_s, attribution)
   placed = device_data.place_split(split, mesh)
   # Before the epoch's first call, which would compile (and store) it: here the cold compile is one.
   lower, cold, warm = _compile_times(epoch_fn, fresh(), placed, device_data.epoch_rows(
@@ -167,7 +180,20 @@ def time_engine(variant: str, precision: str, batch_size: int, steps: int, warmu
               matmul_gflop=matmul.flops / 1e9, matmul_cond_gflop=matmul.conditional / 1e9,
               bare_s=bare_s, bare_faults=bare_faults,
               stream_s=per_step["stream"], scan_s=per_step["scan"], scan_faults=faults["scan"],
-              lower_s=lower, compile_cold_s=cold, compile_warm_s=warm)
+              lower_s=lower, compile_cold_s=cold, compile_warm_s=warm, profile=attribution)
+
+
+def profile_step(train_step, state, batch, calls: int):
+  """``(state, thunk_profile.attribute(...))`` of ``calls`` bare train steps (traced)."""
+  flops, sources = thunk_profile.dot_flops(train_step.lower(state, batch).compile().as_text())
+  holder = [state]
+
+  def call():
+    holder[0] = train_step(holder[0], batch)[0]
+    return holder[0]
+
+  busy, runs = thunk_profile.profile_calls(call, calls)
+  return holder[0], thunk_profile.attribute(busy, runs, flops, sources)
 
 
 def _compile_times(fn, *args) -> tuple[float, float, float]:
@@ -283,6 +309,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   shared.check_timing_flags()
+  if _PROFILE.value:
+    thunk_profile.enable_traceme()  # before JAX starts its CPU client
   import jax  # pylint: disable=g-import-not-at-top
   from mmjax import experiment  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_prng_impl", _PRNG_IMPL.value)
@@ -300,7 +328,7 @@ def main(argv: Sequence[str]) -> None:
     for name in names:
       for precision in _PRECISIONS.value:
         engine.append(time_engine(name, precision, _BATCH_SIZE.value, steps, _WARMUP.value,
-                                  _REPEATS.value))
+                                  _REPEATS.value, _PROFILE.value))
         sys.stderr.write(f"# {engine[-1]}\n")
     cache_line = experiment.compilation_cache_line()  # the warm compiles must be loads
   info = dict(shared.machine_info(), allocator=machine.allocator(), prng=_PRNG_IMPL.value,
@@ -308,7 +336,8 @@ def main(argv: Sequence[str]) -> None:
   shared.write_table(markdown_table(engine, seeds, info, _WARMUP.value,
                                     _REPEATS.value, (load_before, os.getloadavg()[0]))
                      + f"\nPersistent cache during the step timing (XLA's counters): "
-                     f"{cache_line.split(': ', 1)[1]}; the warm compiles are the loads.\n")
+                     f"{cache_line.split(': ', 1)[1]}; the warm compiles are the loads.\n"
+                     + "".join(f"\n{r['profile']}" for r in engine if r["profile"]))
 
 
 if __name__ == "__main__":

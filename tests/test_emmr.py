@@ -629,7 +629,8 @@ def test_map_selected_computes_exactly_the_selected_rows(chunk):
                              rtol=1e-5, atol=1e-6)
   assert (np.asarray(draws)[~selected] == 0).all() and (np.asarray(draws)[selected] >= 1).all()
   assert len(calls) == chunks_run(selected, chunk) == -(-selected.sum(-1).max() // chunk)
-  grad = jax.grad(lambda x: jnp.sum(map_selected(lambda r, k: jnp.tanh(r @ w), jnp.asarray(
-      selected), chunk, x) ** 2))(x)
   expected = jax.grad(lambda x: jnp.sum((jnp.tanh(x @ w) * selected[..., None]) ** 2))(x)
-  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  for remat in (True, False):  # the chunk's forward recomputed in the backward pass, or stacked
+    grad = jax.grad(lambda x: jnp.sum(map_selected(  # pylint: disable=cell-var-from-loop
+        lambda r, k: jnp.tanh(r @ w), jnp.asarray(selected), chunk, x, remat=remat) ** 2))(x)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,15 @@ work done is ``ceil(count / chunk)`` chunks whatever the batch size, every selec
 computed exactly (no capacity to overflow), and the program is differentiable. XLA's cost
 analysis counts the scan body (one chunk) once: multiply by the chunks that run
 (:func:`chunks_run`).
+
+Differentiated, a ``lax.scan`` stacks every intermediate its backward pass reads, one slot per
+chunk, and reads them back: for a Transformer on a chunk that is its attention weights
+``[chunk, heads, T, T]`` and every activation, copied twice per chunk (on CPU, EMMR's stacking
+copies were 120 of a 333 ms step). A chunk (its gather and ``fn``) therefore runs under
+:func:`jax.checkpoint` by default (``remat``): the scan keeps nothing per chunk but its indices
+(the operands and ``fn``'s closure are loop-invariant) and the backward pass recomputes the
+chunk's forward — more FLOPs (one more forward per chunk that runs), far fewer bytes
+(docs/performance.md#emmr-the-chunked-views-recomputed).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ def chunks_run(selected: Any, chunk: int) -> int:
 
 
 def map_selected(fn: Callable[..., Any], selected: jax.Array, chunk: int, *operands: jax.Array,
-                 key: jax.Array | None = None) -> Any:
+                 key: jax.Array | None = None, remat: bool = True) -> Any:
   """``fn`` on the selected rows of every group, zeros elsewhere.
 
   Args:
@@ -37,6 +46,8 @@ def map_selected(fn: Callable[..., Any], selected: jax.Array, chunk: int, *opera
     chunk: rows per group per chunk (static).
     *operands: ``[G, N, ...]`` arrays.
     key: split per chunk (``fold_in`` of the chunk index), e.g. for dropout.
+    remat: recompute ``fn``'s forward in the backward pass instead of stacking its intermediates
+      per chunk (see the module docstring); the same values and gradients.
 
   Returns:
     ``fn``'s pytree with ``[G, N, ...]`` leaves: row ``n`` of group ``g`` holds ``fn``'s output for
@@ -62,11 +73,17 @@ def map_selected(fn: Callable[..., Any], selected: jax.Array, chunk: int, *opera
       None if key is None else jax.ShapeDtypeStruct(key.shape, key.dtype))
   zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
 
+  def run_chunk(idx, ok, chunk_key):
+    rows = [gather(x, idx) for x in operands]
+    return jax.lax.cond(jnp.any(ok), lambda: fn(*rows, chunk_key), zeros)
+
+  if remat:  # gather and cond inside: what it keeps is operands and fn's closure, loop-invariant
+    run_chunk = jax.checkpoint(run_chunk, prevent_cse=False)  # (not stacked); no CSE in a scan
+
   def body(carry, xs):
     j, idx, ok = xs
     chunk_key = None if key is None else jax.random.fold_in(key, j)
-    rows = [gather(x, idx) for x in operands]
-    out = jax.lax.cond(jnp.any(ok), lambda: fn(*rows, chunk_key), zeros)
+    out = run_chunk(idx, ok, chunk_key)
     scatter = lambda acc, y: jax.vmap(lambda a, i, v: a.at[i].add(v))(
         acc, idx, jnp.where(ok.reshape(ok.shape + (1,) * (y.ndim - 2)), y, 0).astype(acc.dtype))
     return jax.tree.map(scatter, carry, out), None
