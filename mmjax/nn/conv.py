@@ -5,11 +5,13 @@
 initialisation as ``flax.linen.Conv(features, kernel_size=(k,), padding="SAME")``, computed as
 ``concat_i(x_padded[:, i:i + T]) @ kernel.reshape(k D, F)``.
 
-Why not ``nn.Conv``: on CPU, XLA runs a convolution inside a ``while`` body (the scanned epoch,
-:func:`mmjax.train.compile_epoch`) through its generic convolution kernel instead of the fused
-matmul it uses in a bare step; SAM-LML's audio and vision convolutions took 119 ms of a 241 ms
-scanned step that way (docs/performance.md). A dot runs on the same kernel inside and outside the
-loop. The ``[B, T, k D]`` window stack is ``k`` times the input (``k = 3``: tens of KB a sample).
+Why not ``nn.Conv``: on CPU, inside a ``while`` body (the scanned epoch,
+:func:`mmjax.train.compile_epoch`) XLA lays out the convolution of the kernel's gradient
+differently from a bare step and runs it on a generic convolution kernel at ~1 GFLOP/s: SAM-LML's
+audio and vision kernel gradients took 119 ms of a 241 ms scanned step (docs/performance.md).
+A dot runs on the same matmul kernel inside and outside the loop. The ``[B, T, k D]`` window
+stack is ``k`` times the input (``k = 3``: tens of KB a sample); a bare ``nn.Conv`` step is
+10-20 % faster than this one in isolation (~1 ms at SAM-LML's shapes).
 """
 
 from __future__ import annotations
