@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from mmjax.data import Batch, Dataset
+from mmjax.flops import sub_jaxprs
 from mmjax.methods import TaskSpec, build, default_model_config
 from mmjax.methods import emmr
 from mmjax.nn import MLPAutoencoder, apply_copy_per_row, apply_stacked, chunks_run, map_selected
@@ -634,3 +635,26 @@ def test_map_selected_computes_exactly_the_selected_rows(chunk):
     grad = jax.grad(lambda x: jnp.sum(map_selected(  # pylint: disable=cell-var-from-loop
         lambda r, k: jnp.tanh(r @ w), jnp.asarray(selected), chunk, x, remat=remat) ** 2))(x)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_map_selected_remat_stacks_no_activation_per_chunk():
+  """Differentiated, the chunk scan keeps only indices and masks per chunk with ``remat``; without
+  it, ``fn``'s activations and even its closed-over weight (through the ``lax.cond``) per chunk."""
+  x = jax.random.normal(jax.random.key(0), (1, 64, 16))
+  w = jax.random.normal(jax.random.key(1), (16, 128))
+  selected = jnp.asarray(np.random.default_rng(0).random((1, 64)) < 0.5)
+
+  def stacked_float_bytes(remat):
+    f = lambda x, w: jnp.sum(map_selected(lambda r, k: jnp.tanh(jnp.tanh(r @ w) @ w.T), selected,
+                                          8, x, remat=remat))
+    stacked, jaxprs = 0, [jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr]
+    while jaxprs:
+      for eqn in jaxprs.pop().eqns:
+        if eqn.primitive.name == "scan":  # per-iteration outputs: [chunks, ...]
+          stacked += sum(v.aval.size * v.aval.dtype.itemsize for v in
+                         eqn.outvars[eqn.params["num_carry"]:] if v.aval.dtype == jnp.float32)
+        jaxprs += [j for value in eqn.params.values() for j in sub_jaxprs(value)]
+    return stacked
+
+  assert stacked_float_bytes(True) == 0
+  assert stacked_float_bytes(False) >= 8 * (16 * 128 + 8 * 128) * 4  # the weight, an activation
