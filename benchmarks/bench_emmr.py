@@ -65,12 +65,20 @@ def make_dataset(batch_size: int):
   return data.Dataset("bench", "classification", 3, {s: batch for s in data.SPLITS})
 
 
+def chunk_gflop(body, *args, train: bool, argnums=(0, 1)) -> float:
+  """XLA's GFLOP of one chunk's ``body(*args)`` (a scalar): in training as ``mmjax.nn.map_selected``
+  runs it, forward, the forward recomputed (``remat``) and backward w.r.t. ``argnums``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return shared.step_cost(jax.jit(jax.grad(jax.checkpoint(body), argnums=argnums)) if train
+                          else body, *args)[0]
+
+
 def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: bool = True,
                     loo: bool = True) -> float:
   """XLA's GFLOP of EMMR's views on ``rows`` samples: ``L_full`` (eq. 8) with ``full``, the
   leave-one-out views ``L_{-k}`` (eq. 9; each of the ``M`` on ``rows`` samples) with ``loo``: the
-  body of one chunk of :func:`mmjax.methods.emmr.needed_forward`'s scans; with ``train``, forward
-  and backward."""
+  body of one chunk of :func:`mmjax.methods.emmr.needed_forward`'s scans; with ``train``, as
+  :func:`chunk_gflop` counts it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
@@ -80,14 +88,14 @@ def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: b
   views = lambda p, x: sum(jnp.sum(v) for v in main.apply(
       {"params": p}, x, real, train=False, full=full, loo=loo, method="view_logits")
       if v is not None)
-  return shared.step_cost(jax.jit(jax.grad(views, argnums=(0, 1)) if train else views),
-                          params["emmr"], x)[0]
+  return chunk_gflop(views, params["emmr"], x, train=train)
 
 
 def loo_rows_chunk_gflop(method_config, spec, params, rows: int, train: bool) -> float:
   """XLA's GFLOP of ``rows`` leave-one-out views (eq. 9), each of its own sample and view ``k``
   (:func:`mmjax.nn.apply_copy_per_row`): the body of one chunk of the other members' ``L_{-k}``
-  scan in :func:`mmjax.methods.emmr.needed_forward`; with ``train``, forward and backward."""
+  scan in :func:`mmjax.methods.emmr.needed_forward`; with ``train``, as :func:`chunk_gflop`
+  counts it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
@@ -98,12 +106,11 @@ def loo_rows_chunk_gflop(method_config, spec, params, rows: int, train: bool) ->
   view = emmr.ViewClassifier(main.num_classes, main.num_heads, main.mlp_dim, main.dropout)
   copy = jnp.arange(rows) % len(main.modalities)
   views = lambda p, x: jnp.sum(apply_copy_per_row(view, p, copy, x, mask, deterministic=True))
-  return shared.step_cost(jax.jit(jax.grad(views, argnums=(0, 1)) if train else views),
-                          params["emmr"]["loo_views"], x)[0]
+  return chunk_gflop(views, params["emmr"]["loo_views"], x, train=train)
 
 
 def encode_chunk_gflop(method_config, spec, params, batch, rows: int) -> float:
-  """XLA's GFLOP of EMMR's encoders (eq. 1-2) on ``rows`` samples, forward and backward: the body
+  """XLA's GFLOP of EMMR's encoders (eq. 1-2) on ``rows`` samples in training (:func:`chunk_gflop`): the body
   of one chunk of :func:`mmjax.methods.emmr.encode_observed_and_clean`'s re-encoding scan."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -112,7 +119,7 @@ def encode_chunk_gflop(method_config, spec, params, batch, rows: int) -> float:
   part = batch.take(np.arange(rows))
   encode = lambda p: jnp.sum(main.apply({"params": p}, part.features, part.step_mask,
                                         jnp.asarray(part.present), method="encode"))
-  return shared.step_cost(jax.jit(jax.grad(encode)), params["emmr"])[0]
+  return chunk_gflop(encode, params["emmr"], train=True, argnums=0)
 
 
 def decoder_chunk_gflop(method_config, spec, params, rows: int) -> float:
@@ -133,25 +140,18 @@ def decoder_chunk_gflop(method_config, spec, params, rows: int) -> float:
 def model_scans(method_config, spec, params, batch_size: int, train: bool
                 ) -> list[tuple[int, float]]:
   """The model's own ``nn.scan`` s in a step, as :func:`executed_gflop` takes them:
-  ``(iterations, GFLOP of one)`` for TF's encoder-decoder (2 iterations of one
-  :class:`~mmjax.nn.TransformerEncoder` on ``[B, T, d]``; the train step only: the eval step runs
-  the two halves apart, :func:`mmjax.methods.emmr.decode_tf_where_missing`) and MMIN's cascade
-  (``num_residual_blocks`` :class:`~mmjax.nn.MLPAutoencoder` s on ``[B, M d]``); with ``train``
-  forward and backward."""
+  ``(iterations, GFLOP of one)`` for MMIN's cascade (``num_residual_blocks``
+  :class:`~mmjax.nn.MLPAutoencoder` s on ``[B, M d]``); with ``train`` forward and backward. (TF's
+  encoder-decoder scan is unrolled: XLA counts both of its halves.)"""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
-  from mmjax.nn import MLPAutoencoder, apply_half  # pylint: disable=g-import-not-at-top
+  from mmjax.nn import MLPAutoencoder  # pylint: disable=g-import-not-at-top
   _, main = emmr.make_models(method_config, spec)
   bound = main.bind({"params": params["emmr"]})
   cost = lambda f, *args: shared.step_cost(jax.jit(jax.grad(
       lambda *a: jnp.sum(f(*a)), argnums=tuple(range(len(args)))) if train else f), *args)[0]
   scans = []
-  if train:
-    tf, t = bound.encoder_decoders["tf"], int(sum(main.seq_lens))
-    real = jnp.ones((batch_size, t), bool)
-    scans.append((2, cost(lambda p, x: apply_half(tf, p, 0, x, real), tf.variables["params"],
-                          jnp.zeros((batch_size, t, main.hidden)))))
   if "mmin" in main.members:
     cascade = bound.encoder_decoders["mmin"]
     block = jax.tree.map(lambda p: p[0], cascade.variables["params"]["blocks"])
