@@ -2,13 +2,15 @@
 
 XLA's CPU runtime runs a compiled program as a sequence of *thunks* (one per fusion, dot, copy,
 ``while``, ...). With ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`` set before JAX starts, a
-``jax.profiler`` trace holds one event per thunk run, named after its HLO instruction, on the
-threads of XLA's pool (``tf_XLAEigen``). :func:`profile_calls` traces ``calls`` calls of a jitted
-function and sums each thunk's busy time; :func:`dot_flops` reads the FLOPs of every dot from the
-optimised HLO (``jit(f).lower(...).compile().as_text()``), fusions counting the dots they call;
-:func:`attribute` joins the two: matmul thunks by size with their achieved GFLOP/s, the time of the
-thunks without a matmul, and the slowest thunks with the source op that made them
-(``metadata.op_name``). Used by ``bench_engine.py --profile``.
+``jax.profiler`` trace holds one event per thunk run, named after its HLO instruction, on whichever
+thread ran it (XLA's pool ``tf_XLAEigen``, or the caller's for a small program).
+:func:`profile_calls` traces ``calls`` calls of a jitted function and sums each event name's busy
+time; :func:`dot_flops` reads every instruction of the optimised HLO
+(``jit(f).lower(...).compile().as_text()``) with the FLOPs of its dots, fusions counting the dots
+they call; :func:`attribute` keeps the events named after an instruction (the thunks) and joins the
+two: matmul thunks by size with their achieved GFLOP/s, the time of the thunks without a matmul,
+and the slowest thunks with the source op that made them (``metadata.op_name``). Used by
+``bench_engine.py --profile``.
 
 Busy time is per thread: with two threads running thunks side by side, the busy total can approach
 twice the wall time. The trace adds a little time per thunk (~1 µs), so read wall times from runs
@@ -58,7 +60,8 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 
 def dot_flops(hlo: str) -> tuple[dict[str, int], dict[str, str]]:
-  """``({instruction: matmul FLOPs}, {instruction: source op_name})`` of an optimised HLO module.
+  """``({instruction: matmul FLOPs}, {instruction: source op_name})`` of an optimised HLO module,
+  every instruction (0 FLOPs for those without a dot).
 
   A dot's FLOPs are ``2 * prod(output dims) * prod(lhs contracting dims)``; an instruction that
   calls a computation (a fusion) counts the dots in it. A ``while`` body's dots are those of its own
@@ -94,7 +97,8 @@ def dot_flops(hlo: str) -> tuple[dict[str, int], dict[str, str]]:
 
 def profile_calls(call, calls: int) -> tuple[dict[str, float], dict[str, float]]:
   """Traces ``calls`` runs of ``call()`` (each blocked on; a train step fed the state it returned);
-  returns per run, per thunk name, ``(busy ms summed over threads, thunk runs)``."""
+  returns per run, per event name on any thread, ``(busy ms summed over threads, runs)`` — the
+  thunks among them are the names of HLO instructions (:func:`attribute` keeps those)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
   busy, runs = collections.defaultdict(float), collections.defaultdict(float)
@@ -105,23 +109,21 @@ def profile_calls(call, calls: int) -> tuple[dict[str, float], dict[str, float]]
     trace = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
   for plane in trace.planes:
     for line in plane.lines:
-      if not line.name.startswith("tf_XLAEigen"):
-        continue
       for event in line.events:
-        if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
-          busy[event.name] += event.duration_ns / 1e6 / calls
-          runs[event.name] += 1 / calls
-  if not busy:
-    raise RuntimeError(f"no thunk events in the trace: set {TRACEME_FLAG} in XLA_FLAGS before "
-                       "JAX starts (thunk_profile.enable_traceme)")
+        busy[event.name] += event.duration_ns / 1e6 / calls
+        runs[event.name] += 1 / calls
   return dict(busy), dict(runs)
 
 
 def attribute(busy: dict[str, float], runs: dict[str, float], flops: dict[str, int],
               sources: dict[str, str], top: int = 8) -> dict[str, Any]:
-  """Joins :func:`profile_calls` and :func:`dot_flops` (all per call): totals, matmul thunks by
-  size (runs, busy ms, GFLOP, GFLOP/s per busy thread), the busiest kinds of thunk without a
-  matmul, and the ``top`` busiest thunks."""
+  """Joins :func:`profile_calls` and :func:`dot_flops` (all per call) on the events named after an
+  HLO instruction (the thunks): totals, matmul thunks by size (runs, busy ms, GFLOP, GFLOP/s per
+  busy thread), the busiest kinds of thunk without a matmul, and the ``top`` busiest thunks."""
+  busy = {name: ms for name, ms in busy.items() if name in flops}
+  if not busy:
+    raise RuntimeError(f"no thunk in the trace: set {TRACEME_FLAG} in XLA_FLAGS before JAX "
+                       "starts (thunk_profile.enable_traceme)")
   matmul = {name for name in busy if flops.get(name, 0) > 0}
   sizes = {label: [0.0, 0.0, 0.0] for _, label in _SIZES}
   for name in matmul:

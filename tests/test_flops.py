@@ -50,3 +50,35 @@ def test_matmul_flops_equal_xla_count_of_a_matmul_only_program():
   xla = jax.jit(f).lower(X, B).compile().cost_analysis()
   xla = xla[0] if isinstance(xla, list) else xla
   assert matmul_flops(f, X, B).flops == xla["flops"]
+
+
+_THUNK_PROFILE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import thunk_profile
+thunk_profile.enable_traceme()
+import jax, jax.numpy as jnp
+from mmjax.flops import matmul_flops
+w = (jax.random.normal(jax.random.key(0), (64, 128)), jax.random.normal(jax.random.key(1), (128, 32)))
+x = jax.random.normal(jax.random.key(2), (256, 64))
+f = jax.jit(jax.grad(lambda w, x: jnp.sum((jnp.tanh(x @ w[0]) @ w[1]) ** 2)))
+flops, sources = thunk_profile.dot_flops(f.lower(w, x).compile().as_text())
+summary = thunk_profile.attribute(*thunk_profile.profile_calls(lambda: f(w, x), 3), flops, sources)
+print(json.dumps([summary["matmul_gflop"], matmul_flops(f, w, x).flops / 1e9, summary["busy_ms"]]))
+"""
+
+
+def test_thunk_profile_finds_every_matmul_of_the_traced_program():
+  """``benchmarks/thunk_profile``: the FLOPs of the matmul thunks the trace saw run (HLO dots x
+  runs per call) equal the program's matmul count (forward and both backward products)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _THUNK_PROFILE], cwd=root, capture_output=True,
+                       text=True, check=True, timeout=300)
+  traced, counted, busy = json.loads(out.stdout.strip().splitlines()[-1])
+  # Forward x @ w0, h @ w1; backward dW1, dh and dW0 (no dx): GFLOP.
+  assert counted == pytest.approx((2 * 256 * (64 * 128 + 128 * 32) * 3 - 2 * 256 * 64 * 128) / 1e9)
+  assert traced == pytest.approx(counted) and busy > 0
