@@ -15,11 +15,12 @@ trained; 0: eq. 14, the paper preset). "params": EMMR's parameters (``params["em
 stage 2) and the frozen full-modality network's (``params["pretrained"]``).
 
 "GFLOP" is the work done: XLA's count for the compiled step (in parentheses; stable on a noisy
-machine) counts each scan body once: TF's encoder-decoder and MMIN's cascade are scans
-(:func:`model_scans`), and the views (and, in the eval step, TF's decoder) run in scans over chunks
+machine) counts each scan body once: MMIN's cascade is a scan (:func:`model_scans`; TF's
+encoder-decoder is unrolled, counted whole), and the views (and, in the eval step, TF's decoder) run in scans over chunks
 of the samples that need them (:func:`mmjax.methods.emmr.needed_forward`), as many chunks as the
 batch needs. So the work is the count plus, per scan, the iterations run beyond one times its
-body's count (:func:`executed_gflop`, :func:`chunk_scans`; the number of samples with a
+body's count (:func:`executed_gflop`, :func:`chunk_scans`; a training chunk's body counts its
+forward twice, recomputed in the backward pass, :func:`chunk_gflop`; the number of samples with a
 missing modality and of flagged ones read from the loss's ``missing`` / ``key_missing`` terms on
 one corrupted draw of the batch; the re-encoding scan of the loss runs no chunk under
 ``drop_one``).
@@ -69,8 +70,8 @@ def chunk_gflop(body, *args, train: bool, argnums=(0, 1)) -> float:
   """XLA's GFLOP of one chunk's ``body(*args)`` (a scalar): in training as ``mmjax.nn.map_selected``
   runs it, forward, the forward recomputed (``remat``) and backward w.r.t. ``argnums``."""
   import jax  # pylint: disable=g-import-not-at-top
-  return shared.step_cost(jax.jit(jax.grad(jax.checkpoint(body), argnums=argnums)) if train
-                          else body, *args)[0]
+  return shared.step_cost(jax.jit(jax.grad(jax.checkpoint(body), argnums=argnums) if train
+                                  else body), *args)[0]
 
 
 def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: bool = True,
