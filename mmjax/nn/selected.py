@@ -12,10 +12,11 @@ analysis counts the scan body (one chunk) once: multiply by the chunks that run
 Differentiated, a ``lax.scan`` stacks every intermediate its backward pass reads, one slot per
 chunk, and reads them back: for a Transformer on a chunk that is its attention weights
 ``[chunk, heads, T, T]`` and every activation, copied twice per chunk (on CPU, EMMR's stacking
-copies were 120 of a 333 ms step). A chunk (its gather and ``fn``) therefore runs under
-:func:`jax.checkpoint` by default (``remat``): the scan keeps nothing per chunk but its indices
-(the operands and ``fn``'s closure are loop-invariant) and the backward pass recomputes the
-chunk's forward — more FLOPs (one more forward per chunk that runs), far fewer bytes
+copies were 120 of a 333 ms step). A chunk (its ``lax.cond`` and ``fn``) therefore runs under
+:func:`jax.checkpoint` by default (``remat``): the scan keeps nothing per chunk but the rows it
+scans over (``fn``'s closure is loop-invariant) and the backward pass recomputes the chunk's
+forward — more FLOPs (one more forward per chunk that runs), far fewer bytes. The rows are
+gathered in chunk order once before the loop and the outputs put back in row order once after it
 (docs/performance.md#emmr-the-chunked-views-recomputed).
 """
 
@@ -64,30 +65,30 @@ def map_selected(fn: Callable[..., Any], selected: jax.Array, chunk: int, *opera
   order = jnp.pad(order, [(0, 0), (0, num_chunks * chunk - n)])
   valid = jnp.pad(jnp.take_along_axis(selected, order[:, :n], axis=-1),
                   [(0, 0), (0, num_chunks * chunk - n)])
-  order = order.reshape(num_groups, num_chunks, chunk).transpose(1, 0, 2)  # [chunks, G, chunk]
-  valid = valid.reshape(num_groups, num_chunks, chunk).transpose(1, 0, 2)
-  gather = lambda x, idx: jnp.take_along_axis(
-      x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  # Shapes: [G, chunks * chunk, ...] -> [chunks, G, chunk, ...] and back.
+  split = lambda x: x.reshape((num_groups, num_chunks, chunk) + x.shape[2:]).swapaxes(0, 1)
+  merge = lambda y: y.swapaxes(0, 1).reshape((num_groups, num_chunks * chunk) + y.shape[3:])
+  # The rows in chunk order, gathered once: a gather inside the loop would, differentiated, build a
+  # zero cotangent of the whole operand in every chunk.
+  rows = [split(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1))
+          for x in operands]
   out_shapes = jax.eval_shape(
       fn, *[jax.ShapeDtypeStruct((num_groups, chunk) + x.shape[2:], x.dtype) for x in operands],
       None if key is None else jax.ShapeDtypeStruct(key.shape, key.dtype))
   zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
 
-  def run_chunk(idx, ok, chunk_key):
-    rows = [gather(x, idx) for x in operands]
-    return jax.lax.cond(jnp.any(ok), lambda: fn(*rows, chunk_key), zeros)
+  def run_chunk(ok, chunk_key, *chunk_rows):
+    out = jax.lax.cond(jnp.any(ok), lambda: fn(*chunk_rows, chunk_key), zeros)
+    return jax.tree.map(lambda y: jnp.where(ok.reshape(ok.shape + (1,) * (y.ndim - 2)), y, 0), out)
 
-  if remat:  # gather and cond inside: what it keeps is operands and fn's closure, loop-invariant
-    run_chunk = jax.checkpoint(run_chunk, prevent_cse=False)  # (not stacked); no CSE in a scan
+  if remat:  # keeps its inputs (the scanned rows, fn's loop-invariant closure): nothing stacked
+    run_chunk = jax.checkpoint(run_chunk, prevent_cse=False)  # no CSE to prevent in a scan
 
-  def body(carry, xs):
-    j, idx, ok = xs
-    chunk_key = None if key is None else jax.random.fold_in(key, j)
-    out = run_chunk(idx, ok, chunk_key)
-    scatter = lambda acc, y: jax.vmap(lambda a, i, v: a.at[i].add(v))(
-        acc, idx, jnp.where(ok.reshape(ok.shape + (1,) * (y.ndim - 2)), y, 0).astype(acc.dtype))
-    return jax.tree.map(scatter, carry, out), None
+  def body(_, xs):
+    j, ok, chunk_rows = xs
+    return None, run_chunk(ok, None if key is None else jax.random.fold_in(key, j), *chunk_rows)
 
-  init = jax.tree.map(lambda s: jnp.zeros((num_groups, n) + s.shape[2:], s.dtype), out_shapes)
-  result, _ = jax.lax.scan(body, init, (jnp.arange(num_chunks), order, valid))
-  return result
+  _, out = jax.lax.scan(body, None, (jnp.arange(num_chunks), split(valid), rows))
+  # Back to row order, once: padding entries (index 0) add zeros.
+  unsort = jax.vmap(lambda i, v: jnp.zeros((n,) + v.shape[1:], v.dtype).at[i].add(v))
+  return jax.tree.map(lambda y: unsort(order, merge(y)), out)
