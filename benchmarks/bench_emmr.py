@@ -80,7 +80,6 @@ def row_chunk_gflop(method_config, spec, params, rows: int, train: bool, full: b
   leave-one-out views ``L_{-k}`` (eq. 9; each of the ``M`` on ``rows`` samples) with ``loo``: the
   body of one chunk of :func:`mmjax.methods.emmr.needed_forward`'s scans; with ``train``, as
   :func:`chunk_gflop` counts it."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
   _, main = emmr.make_models(method_config, spec)
@@ -97,7 +96,6 @@ def loo_rows_chunk_gflop(method_config, spec, params, rows: int, train: bool) ->
   (:func:`mmjax.nn.apply_copy_per_row`): the body of one chunk of the other members' ``L_{-k}``
   scan in :func:`mmjax.methods.emmr.needed_forward`; with ``train``, as :func:`chunk_gflop`
   counts it."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
   from mmjax.nn import apply_copy_per_row  # pylint: disable=g-import-not-at-top
@@ -111,9 +109,9 @@ def loo_rows_chunk_gflop(method_config, spec, params, rows: int, train: bool) ->
 
 
 def encode_chunk_gflop(method_config, spec, params, batch, rows: int) -> float:
-  """XLA's GFLOP of EMMR's encoders (eq. 1-2) on ``rows`` samples in training (:func:`chunk_gflop`): the body
-  of one chunk of :func:`mmjax.methods.emmr.encode_observed_and_clean`'s re-encoding scan."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """XLA's GFLOP of EMMR's encoders (eq. 1-2) on ``rows`` samples in training
+  (:func:`chunk_gflop`): the body of one chunk of
+  :func:`mmjax.methods.emmr.encode_observed_and_clean`'s re-encoding scan."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmjax.methods import emmr  # pylint: disable=g-import-not-at-top
   _, main = emmr.make_models(method_config, spec)

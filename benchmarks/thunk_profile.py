@@ -33,7 +33,8 @@ _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = " + _SHAPE)
 _DOT = re.compile(r"= " + _SHAPE + r"\S* dot\(%?([\w.\-]+), .*?lhs_contracting_dims=\{([\d,]*)\}")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_SIZES = ((1e6, "< 1 MFLOP"), (1e7, "1-10 MFLOP"), (1e8, "10-100 MFLOP"), (math.inf, ">= 100 MFLOP"))
+_SIZES = ((1e6, "< 1 MFLOP"), (1e7, "1-10 MFLOP"), (1e8, "10-100 MFLOP"),
+          (math.inf, ">= 100 MFLOP"))
 
 
 def enable_traceme() -> None:
@@ -124,7 +125,7 @@ def attribute(busy: dict[str, float], runs: dict[str, float], flops: dict[str, i
   if not busy:
     raise RuntimeError(f"no thunk in the trace: set {TRACEME_FLAG} in XLA_FLAGS before JAX "
                        "starts (thunk_profile.enable_traceme)")
-  matmul = {name for name in busy if flops.get(name, 0) > 0}
+  matmul = {name for name in busy if flops[name] > 0}
   sizes = {label: [0.0, 0.0, 0.0] for _, label in _SIZES}
   for name in matmul:
     label = next(label for bound, label in _SIZES if flops[name] < bound)
@@ -136,11 +137,12 @@ def attribute(busy: dict[str, float], runs: dict[str, float], flops: dict[str, i
     kinds[re.sub(r"[.\d]+$", "", name)] += busy[name]
   slowest = sorted(busy, key=busy.get, reverse=True)[:top]
   return dict(
-      busy_ms=sum(busy.values()), thunks=sum(runs.values()),
-      matmul_ms=sum(busy[n] for n in matmul), matmul_gflop=sum(flops[n] * runs[n] for n in matmul) / 1e9,
+      busy_ms=sum(busy.values()), thunks=sum(runs[n] for n in busy),
+      matmul_ms=sum(busy[n] for n in matmul),
+      matmul_gflop=sum(flops[n] * runs[n] for n in matmul) / 1e9,
       sizes={k: v for k, v in sizes.items() if v[0]},
       other=sorted(kinds.items(), key=lambda kv: -kv[1])[:top],
-      slowest=[(n, busy[n], runs[n], flops.get(n, 0) * runs[n] / 1e9, _short(sources.get(n, "")))
+      slowest=[(n, busy[n], runs[n], flops[n] * runs[n] / 1e9, _short(sources.get(n, "")))
                for n in slowest])
 
 
@@ -152,11 +154,11 @@ def _short(op_name: str, parts: int = 4) -> str:
 def markdown(title: str, wall_ms: float, summary: dict[str, Any]) -> str:
   """One method's attribution as Markdown: a header line, sizes table, other thunks, slowest."""
   rate = lambda gflop, ms: f"{gflop / ms * 1e3:.1f}" if ms else "–"
-  lines = [f"**{title}**: wall {wall_ms:.2f} ms a step; thunks {summary['thunks']:,.0f} a step, busy "
-           f"{summary['busy_ms']:.2f} ms (all threads); matmul thunks {summary['matmul_ms']:.2f} ms "
-           f"for {summary['matmul_gflop']:.3f} GFLOP ({rate(summary['matmul_gflop'], summary['matmul_ms'])} "
-           f"GFLOP/s a busy thread); thunks without a matmul "
-           f"{summary['busy_ms'] - summary['matmul_ms']:.2f} ms.", "",
+  busy, matmul_ms, matmul_gflop = summary["busy_ms"], summary["matmul_ms"], summary["matmul_gflop"]
+  lines = [f"**{title}**: wall {wall_ms:.2f} ms a step; thunks {summary['thunks']:,.0f} a step, "
+           f"busy {busy:.2f} ms (all threads); matmul thunks {matmul_ms:.2f} ms for "
+           f"{matmul_gflop:.3f} GFLOP ({rate(matmul_gflop, matmul_ms)} GFLOP/s a busy thread); "
+           f"thunks without a matmul {busy - matmul_ms:.2f} ms.", "",
            "| matmul thunk size | runs / step | busy ms | GFLOP | GFLOP/s |",
            "| --- | ---: | ---: | ---: | ---: |"]
   for label, (n, ms, gflop) in summary["sizes"].items():

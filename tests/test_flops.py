@@ -59,7 +59,8 @@ import thunk_profile
 thunk_profile.enable_traceme()
 import jax, jax.numpy as jnp
 from mmjax.flops import matmul_flops
-w = (jax.random.normal(jax.random.key(0), (64, 128)), jax.random.normal(jax.random.key(1), (128, 32)))
+w = (jax.random.normal(jax.random.key(0), (64, 128)),
+     jax.random.normal(jax.random.key(1), (128, 32)))
 x = jax.random.normal(jax.random.key(2), (256, 64))
 f = jax.jit(jax.grad(lambda w, x: jnp.sum((jnp.tanh(x @ w[0]) @ w[1]) ** 2)))
 flops, sources = thunk_profile.dot_flops(f.lower(w, x).compile().as_text())

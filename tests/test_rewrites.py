@@ -87,7 +87,8 @@ def test_temporal_conv_equals_flax_conv(kernel_size):
   jax.tree.map(np.testing.assert_array_equal, params, old.init(jax.random.key(1), x))
   for f in (lambda m: m.apply(params, x),
             lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), (0, 1))(params, x)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), f(new), f(old))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 f(new), f(old))
 
 
 @pytest.mark.parametrize("rewrite, name", [(r, m) for r in REWRITES for m in REWRITES[r][3]])
